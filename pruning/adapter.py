@@ -1,0 +1,177 @@
+"""The one module that knows how supported model families name their modules and config fields.
+
+Everything else in the project talks to decoder layers through `LayerParts`
+(roles: q, k, v, o, gate, up, down, norms) and the helpers below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+
+from pruning.architecture import ModelSpec
+
+# model_type -> (class name users know, whether q/k/v carry biases by design)
+SUPPORTED = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+def _check_family(config: PretrainedConfig, name: str) -> str:
+    family = getattr(config, "model_type", None)
+    if family not in SUPPORTED:
+        supported = ", ".join(SUPPORTED.values())
+        raise UnsupportedModelError(
+            f"{name} is a {family!r} model; supported are {supported} (and checkpoints of those families)"
+        )
+    return family
+
+
+def spec_from_config(config: PretrainedConfig, base_model: str) -> ModelSpec:
+    """Read the dimensions the cost model needs; works on any config, no weights required."""
+    family = _check_family(config, base_model)
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    if heads % kv_heads:
+        raise UnsupportedModelError(f"{base_model}: {heads} query heads do not split into {kv_heads} KV groups")
+    attention_bias = bool(getattr(config, "attention_bias", False))
+    return ModelSpec(
+        base_model=base_model,
+        family=family,
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        num_layers=config.num_hidden_layers,
+        num_kv_heads=kv_heads,
+        group_size=heads // kv_heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+        intermediate_size=config.intermediate_size,
+        tie_embeddings=bool(config.tie_word_embeddings),
+        qkv_bias=family == "qwen2" or (family == "llama" and attention_bias),
+        o_bias=family == "llama" and attention_bias,
+        mlp_bias=family == "llama" and bool(getattr(config, "mlp_bias", False)),
+    )
+
+
+def model_spec(model: PreTrainedModel) -> ModelSpec:
+    return spec_from_config(model.config, str(getattr(model, "name_or_path", "") or model.config.model_type))
+
+
+def load_config(name_or_path: str) -> PretrainedConfig:
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except OSError as err:
+        raise UnsupportedModelError(
+            f"cannot load a model config from {name_or_path!r}: give a local model directory or a hub id "
+            f"reachable from this machine ({err.__class__.__name__})"
+        ) from err
+    _check_family(config, name_or_path)
+    return config
+
+
+def load_model(name_or_path: str | Path, device: torch.device, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """Load a supported causal LM, checking its family before any weight is read."""
+    load_config(str(name_or_path))
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+    return model.to(device).eval()
+
+
+def load_tokenizer(name_or_path: str | Path):
+    return AutoTokenizer.from_pretrained(name_or_path)
+
+
+@dataclass(frozen=True)
+class LayerParts:
+    """Roles of one decoder layer's modules."""
+
+    layer: nn.Module
+    attention: nn.Module
+    q: nn.Linear
+    k: nn.Linear
+    v: nn.Linear
+    o: nn.Linear
+    attention_norm: nn.Module
+    mlp: nn.Module
+    gate: nn.Linear
+    up: nn.Linear
+    down: nn.Linear
+    mlp_norm: nn.Module
+
+
+def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
+    return model.get_decoder().layers
+
+
+def layer_parts(layer: nn.Module) -> LayerParts:
+    attn, mlp = layer.self_attn, layer.mlp
+    return LayerParts(
+        layer=layer,
+        attention=attn,
+        q=getattr(attn, "q_proj", None),
+        k=getattr(attn, "k_proj", None),
+        v=getattr(attn, "v_proj", None),
+        o=getattr(attn, "o_proj", None),
+        attention_norm=layer.input_layernorm,
+        mlp=mlp,
+        gate=getattr(mlp, "gate_proj", None),
+        up=getattr(mlp, "up_proj", None),
+        down=getattr(mlp, "down_proj", None),
+        mlp_norm=layer.post_attention_layernorm,
+    )
+
+
+def replace_attention(layer: nn.Module, q: nn.Linear, k: nn.Linear, v: nn.Linear, o: nn.Linear, groups: int) -> None:
+    """Install sliced projections; `groups` query heads now share each key/value head."""
+    attn = layer.self_attn
+    attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj = q, k, v, o
+    attn.num_key_value_groups = groups
+
+
+def replace_mlp(layer: nn.Module, gate: nn.Linear, up: nn.Linear, down: nn.Linear) -> None:
+    mlp = layer.mlp
+    mlp.gate_proj, mlp.up_proj, mlp.down_proj = gate, up, down
+    mlp.intermediate_size = gate.out_features
+
+
+class DroppedAttention(nn.Module):
+    """Stands in for a removed attention sublayer: adds nothing to the residual stream.
+
+    It still appends zero-head (B, 0, T, head_dim) keys/values to the KV cache so the
+    cache keeps counting positions when this is the layer the cache asks for its length.
+    """
+
+    def __init__(self, layer_idx: int, head_dim: int):
+        super().__init__()
+        self.layer_idx, self.head_dim = layer_idx, head_dim
+
+    def forward(self, hidden_states: torch.Tensor, past_key_values=None, **kwargs):
+        if past_key_values is not None:
+            b, t, _ = hidden_states.shape
+            empty = hidden_states.new_zeros(b, 0, t, self.head_dim)
+            past_key_values.update(empty, empty, self.layer_idx)
+        return torch.zeros_like(hidden_states), None
+
+
+class DroppedMLP(nn.Module):
+    """Stands in for a removed MLP sublayer."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(hidden_states)
+
+
+def drop_attention(layer: nn.Module, layer_idx: int, head_dim: int) -> None:
+    layer.self_attn = DroppedAttention(layer_idx, head_dim)
+    layer.input_layernorm = nn.Identity()
+
+
+def drop_mlp(layer: nn.Module) -> None:
+    layer.mlp = DroppedMLP()
+    layer.post_attention_layernorm = nn.Identity()
