@@ -96,7 +96,10 @@ class Predictor(abc.ABC):
 
     def predict(self, table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """(mean (N,), spread (N,)) on the metric's scale for each row of `table`."""
-        members = self._predict_members(self._features(table))  # (M, N) log metric
+        x = self._features(table)  # (N, F)
+        if len(x) == 0:
+            return np.empty(0), np.empty(0)
+        members = self._predict_members(x)  # (M, N) log metric
         return np.exp(members.mean(0)), np.exp(members).std(0)
 
     def _features(self, table: pd.DataFrame) -> np.ndarray:

@@ -25,6 +25,8 @@ def test_predicts_positive_means_and_nonnegative_spreads(make, table):
     mean, spread = make().fit(table.iloc[:30], known_metric(table.iloc[:30])).predict(table.iloc[30:])
     assert mean.shape == spread.shape == (18,)
     assert (mean > 0).all() and (spread >= 0).all() and np.isfinite(mean).all()
+    empty = make().fit(table, known_metric(table)).predict(table.iloc[:0])
+    assert empty[0].shape == empty[1].shape == (0,)
 
 
 def test_failed_candidates_are_skipped_with_a_warning(make, table, caplog):
