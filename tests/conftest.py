@@ -29,3 +29,34 @@ def tiny_model(family: str = "llama", tie: bool = False, seed: int = 0, **overri
 @pytest.fixture
 def windows() -> torch.Tensor:
     return torch.randint(0, 97, (6, 16), generator=torch.Generator().manual_seed(1))
+
+
+def _train_tokenizer(text: str, vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([text], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny Llama with its own BPE tokenizer and calibration/evaluation text, saved like a real checkpoint."""
+    import json
+    import pathlib
+
+    root = tmp_path_factory.mktemp("tiny-llama")
+    source = pathlib.Path(json.__file__).parent
+    text = "\n\n".join(p.read_text() for p in sorted(source.glob("*.py")))
+    tokenizer = _train_tokenizer(text, vocab_size=400)
+    model = tiny_model("llama", vocab_size=len(tokenizer), num_hidden_layers=4)
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    (root / "calibration.txt").write_text(text[: len(text) // 2])
+    (root / "evaluation.txt").write_text(text[len(text) // 2 :])
+    return root

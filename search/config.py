@@ -1,0 +1,115 @@
+"""Typed, validated settings of one search run, and the run directory's layout."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pruning import reference
+
+SAMPLERS = ("predictor", "tpe", "gp", "cmaes", "random")
+OBJECTIVES = ("perplexity",)
+IMPORTANCE_METHODS = ("wanda", "fluctuation", "taylor")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: str = str(reference.MODEL_DIR)
+    budget: str = "60%"
+    trials: int = 24
+    objective: str = "perplexity"
+    calibration: str = str(reference.CALIBRATION_TEXT)
+    evaluation: str = str(reference.EVALUATION_TEXT)
+    seq_len: int = 256
+    calibration_windows: int = 64
+    search_windows: int = 32  # evaluation windows each trial is measured on; the summary uses all of them
+    importance: str = "wanda"
+    sampler: str = "predictor"
+    n_startup: int = 8
+    ffn_step: int = 8
+    allow_drop: bool = True
+    storage: str | None = None
+    study_name: str | None = None
+    out: str | None = None
+    device: str = "auto"
+    batch_size: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.sampler in SAMPLERS, f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}"),
+            (self.objective in OBJECTIVES, f"unknown objective {self.objective!r}; choose {', '.join(OBJECTIVES)}"),
+            (
+                self.importance in IMPORTANCE_METHODS,
+                f"unknown importance {self.importance!r}; choose one of {', '.join(IMPORTANCE_METHODS)}",
+            ),
+            (self.trials >= 1, f"--trials must be at least 1, got {self.trials}"),
+            (self.sampler != "predictor" or self.n_startup >= 5, "--n-startup must be at least 5"),
+            (self.seq_len >= 8, f"--seq-len must be at least 8, got {self.seq_len}"),
+            (self.calibration_windows >= 1 and self.search_windows >= 1, "window counts must be at least 1"),
+            (
+                self.device in ("auto", "cpu") or self.device.startswith("cuda"),
+                f"--device must be auto, cpu or cuda[:N], got {self.device!r}",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    def run_dir(self) -> Path:
+        if self.out:
+            return Path(self.out)
+        model = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(self.model.rstrip("/")).name)
+        budget = self.budget.replace("%", "pct").replace(".", "p")
+        return Path("runs") / f"{model}-{budget}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Where a run keeps its files."""
+
+    root: Path
+
+    @property
+    def study_db(self) -> Path:
+        return self.root / "study.db"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "run.json"
+
+    @property
+    def predictor(self) -> Path:
+        return self.root / "predictor"
+
+    @property
+    def best_architecture(self) -> Path:
+        return self.root / "best_architecture.json"
+
+    @property
+    def summary_json(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def summary_md(self) -> Path:
+        return self.root / "summary.md"
+
+    @property
+    def model(self) -> Path:
+        return self.root / "model"
+
+    def storage_url(self, config: RunConfig) -> str:
+        return config.storage or f"sqlite:///{self.study_db}"
+
+    def study_name(self, config: RunConfig) -> str:
+        return config.study_name or self.root.name

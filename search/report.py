@@ -1,0 +1,167 @@
+"""What a finished search tells a person: summary record, Markdown, and dashboard note and plots."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import optuna
+import optuna_dashboard
+import plotly.graph_objects as go
+from optuna.trial import TrialState
+from scipy.stats import kendalltau
+
+from pruning.architecture import Architecture
+from search.budget import format_params
+from search.sampler import trial_architecture
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    model: str
+    run_dir: str
+    study_name: str
+    storage: str
+    budget_params: int
+    base_params: int
+    best_params: int
+    best_trial: int
+    trials_complete: int
+    trials_failed: int
+    base_perplexity: float
+    uniform_perplexity: float
+    threshold_perplexity: float
+    best_perplexity: float
+    predictor_kendall_tau: float | None  # predictions made before measuring vs the measurements
+    predictor_pairs: int
+    wall_time_s: float
+    recovery: dict | None = None
+
+    def dashboard_command(self) -> str:
+        target = self.storage.removeprefix("journal:")
+        return f"optuna-dashboard {target}"
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "dashboard": self.dashboard_command()}, indent=2)
+
+    def to_markdown(self) -> str:
+        def ratio(p: int) -> str:
+            return f"{format_params(p)} ({p / self.base_params:.1%})"
+
+        rows = [
+            ("base model", ratio(self.base_params), self.base_perplexity),
+            ("uniform pruning", "same budget", self.uniform_perplexity),
+            ("importance threshold (FLAP-style)", "same budget", self.threshold_perplexity),
+            (f"searched (trial {self.best_trial})", ratio(self.best_params), self.best_perplexity),
+        ]
+        table = "\n".join(f"| {name} | {params} | {ppl:.3f} |" for name, params, ppl in rows)
+        tau = "n/a" if self.predictor_kendall_tau is None else f"{self.predictor_kendall_tau:.2f}"
+        recovery = ""
+        if self.recovery:
+            recovery = "\n**Recovery**: " + ", ".join(f"{k} {v}" for k, v in self.recovery.items()) + "\n"
+        return (
+            f"## Pruning search: {self.model}\n\n"
+            f"Budget {format_params(self.budget_params)} parameters; {self.trials_complete} candidates measured "
+            f"({self.trials_failed} failed) in {self.wall_time_s / 60:.1f} min.\n\n"
+            f"| model | parameters | perplexity |\n|---|---|---|\n{table}\n\n"
+            f"Predictor Kendall τ on its own predictions: {tau} ({self.predictor_pairs} pairs).\n"
+            f"{recovery}\nFiles: `{self.run_dir}`  \nDashboard: `{self.dashboard_command()}`\n"
+        )
+
+
+def predictions(study: optuna.Study) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """(predicted, measured, trial numbers) of completed trials the predictor proposed."""
+    rows = [
+        (t.system_attrs["predicted"], t.value, t.number)
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if "predicted" in t.system_attrs and t.value is not None and np.isfinite(t.value)
+    ]
+    if not rows:
+        return np.array([]), np.array([]), []
+    predicted, measured_values, numbers = zip(*rows, strict=True)
+    return np.array(predicted), np.array(measured_values), list(numbers)
+
+
+def own_kendall(study: optuna.Study) -> tuple[float | None, int]:
+    predicted, measured_values, _ = predictions(study)
+    if len(predicted) < 3:
+        return None, len(predicted)
+    return float(kendalltau(predicted, measured_values).statistic), len(predicted)
+
+
+def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if np.isfinite(t.value)]
+    if not done:
+        raise RuntimeError("no trial completed; see the failed trials' 'error' attribute in the study")
+    return min(done, key=lambda t: t.value)
+
+
+def publish(study: optuna.Study, summary: RunSummary) -> None:
+    """Objective name, the Markdown summary as the study note, and three plots on the dashboard."""
+    study.set_metric_names(["perplexity"])
+    optuna_dashboard.save_note(study, summary.to_markdown())
+    best = trial_architecture(study.trials[summary.best_trial])
+    for graph_id, figure in (
+        ("predicted-vs-measured", _predicted_vs_measured(study)),
+        ("best-architecture", _architecture_figure(best)),
+        ("best-so-far", _best_so_far(study)),
+    ):
+        optuna_dashboard.save_plotly_graph_object(study, figure, graph_object_id=graph_id)
+
+
+def _predicted_vs_measured(study: optuna.Study) -> go.Figure:
+    predicted, measured_values, numbers = predictions(study)
+    fig = go.Figure(
+        go.Scatter(
+            x=predicted, y=measured_values, mode="markers", text=[f"trial {n}" for n in numbers], name="guided trials"
+        )
+    )
+    if len(predicted):
+        lo, hi = float(min(predicted.min(), measured_values.min())), float(max(predicted.max(), measured_values.max()))
+        fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="y = x"))
+    fig.update_layout(
+        title="Predicted (before measuring) vs measured perplexity", xaxis_title="predicted", yaxis_title="measured"
+    )
+    return fig
+
+
+def _architecture_figure(arch: Architecture) -> go.Figure:
+    s = arch.spec
+    layers = list(range(s.num_layers))
+    attn = [x.query_heads / s.num_heads for x in arch.layers]
+    ffn = [x.ffn_channels / s.intermediate_size for x in arch.layers]
+    fig = go.Figure(
+        [go.Bar(x=layers, y=attn, name="attention heads kept"), go.Bar(x=layers, y=ffn, name="FFN channels kept")]
+    )
+    fig.update_layout(
+        title=f"Best architecture: kept share per layer ({format_params(arch.params())} params)",
+        xaxis_title="layer",
+        yaxis_title="kept share",
+        barmode="group",
+        yaxis_range=[0, 1],
+    )
+    return fig
+
+
+def _best_so_far(study: optuna.Study) -> go.Figure:
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if np.isfinite(t.value)]
+    numbers = [t.number for t in done]
+    values = np.array([t.value for t in done])
+    fig = go.Figure(
+        [
+            go.Scatter(x=numbers, y=values, mode="markers", name="measured"),
+            go.Scatter(
+                x=numbers, y=np.minimum.accumulate(values) if len(values) else values, mode="lines", name="best so far"
+            ),
+        ]
+    )
+    fig.update_layout(title="Perplexity by trial", xaxis_title="trial", yaxis_title="perplexity")
+    return fig
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

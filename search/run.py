@@ -1,0 +1,325 @@
+"""`python -m search.run`: predictor-guided search for a per-layer pruning that fits a parameter budget.
+
+Examples:
+    python -m search.run                                   # shipped reference model, 60% budget, 24 trials
+    python -m search.run --model meta-llama/Llama-2-7b-hf --budget 5B --calibration wikitext2 --evaluation wikitext2
+    python -m search.run --out runs/mine                   # run again with the same --out to resume
+    python -m search.run --out runs/shared --storage postgresql://user@host/db   # one worker per GPU/machine
+    optuna-dashboard sqlite:///runs/mine/study.db          # watch it
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import dataclass, fields
+
+import optuna
+import torch
+from optuna.study import MaxTrialsCallback
+from optuna.trial import TrialState
+from tqdm.auto import tqdm
+
+from predictor.features import FeatureBuilder
+from predictor.model import AccuracyPredictor
+from pruning import adapter
+from pruning.architecture import Architecture, ArchitectureError
+from pruning.data import DataError, read_text, token_windows
+from pruning.importance import Importance, load_or_compute
+from pruning.masking import masked
+from pruning.metrics import default_device, perplexity
+from search.budget import BudgetError, format_params, parse_budget
+from search.config import SAMPLERS, ConfigError, RunConfig, RunLayout
+from search.objective import Objective
+from search.report import RunSummary, best_trial, own_kendall, publish, write_atomic
+from search.sampler import PredictorSampler, measured, trial_architecture
+from search.space import InfeasibleBudgetError, SearchSpace
+from search.study import StorageError, StudyMismatchError, count_trials, open_storage, open_study, retry_dead_workers
+
+USER_ERRORS = (
+    ConfigError,
+    BudgetError,
+    adapter.UnsupportedModelError,
+    ArchitectureError,
+    DataError,
+    InfeasibleBudgetError,
+    StorageError,
+    StudyMismatchError,
+)
+FINISHED = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
+FINAL_EVAL_WINDOWS = 512
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = RunConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m search.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--model", default=d.model, help="local model directory or hub id (default: the shipped reference model)"
+    )
+    p.add_argument(
+        "--budget",
+        default=d.budget,
+        help="parameters to keep, embeddings included: 5B, 350M, 2.5e9, or 70%% / 0.7 of the model "
+        "(default: %(default)s)",
+    )
+    p.add_argument("--trials", type=int, default=d.trials, help="candidates to measure (default: %(default)s)")
+    p.add_argument(
+        "--objective", default=d.objective, choices=("perplexity",), help="metric to minimise (default: %(default)s)"
+    )
+    p.add_argument(
+        "--calibration",
+        default=d.calibration,
+        help="text for importance scores: file, directory, or wikitext2/c4 online (default: shipped text)",
+    )
+    p.add_argument(
+        "--evaluation", default=d.evaluation, help="held-out text the metric is measured on (default: shipped text)"
+    )
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per window (default: %(default)s)")
+    p.add_argument("--calibration-windows", type=int, default=d.calibration_windows, help="(default: %(default)s)")
+    p.add_argument(
+        "--search-windows",
+        type=int,
+        default=d.search_windows,
+        help=f"evaluation windows per trial; the summary uses up to {FINAL_EVAL_WINDOWS} (default: %(default)s)",
+    )
+    p.add_argument("--importance", default=d.importance, help="wanda, fluctuation or taylor (default: %(default)s)")
+    p.add_argument("--sampler", default=d.sampler, help=f"{', '.join(SAMPLERS)} (default: %(default)s)")
+    p.add_argument(
+        "--n-startup", type=int, default=d.n_startup, help="trials before the predictor guides (default: %(default)s)"
+    )
+    p.add_argument(
+        "--ffn-step",
+        type=int,
+        default=d.ffn_step,
+        help="FFN channels kept are a multiple of this (default: %(default)s)",
+    )
+    p.add_argument(
+        "--no-drop", dest="allow_drop", action="store_false", help="never drop a whole attention or MLP sublayer"
+    )
+    p.add_argument(
+        "--storage",
+        default=d.storage,
+        help="Optuna storage URL (default: sqlite:///<out>/study.db; "
+        "journal:<file> or postgresql://... for several workers)",
+    )
+    p.add_argument("--study-name", default=d.study_name, help="(default: the run directory's name)")
+    p.add_argument(
+        "--out", default=d.out, help="run directory (default: runs/<model>-<budget>-<time>); reuse it to resume"
+    )
+    p.add_argument("--device", default=d.device, help="auto, cpu or cuda[:N] (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
+    return p
+
+
+@dataclass
+class Setup:
+    """Everything a run needs, built and checked before anything is written."""
+
+    config: RunConfig
+    layout: RunLayout
+    space: SearchSpace
+    model: torch.nn.Module
+    calibration: torch.Tensor  # (N, T)
+    search_windows: torch.Tensor  # (M, T)
+    final_windows: torch.Tensor  # (K, T)
+
+
+def prepare(config: RunConfig) -> Setup:
+    model_config = adapter.load_config(config.model)
+    spec = adapter.spec_from_config(model_config, config.model)
+    budget = parse_budget(config.budget, Architecture.full(spec).params())
+    space = SearchSpace(spec, budget, ffn_step=config.ffn_step, allow_drop=config.allow_drop)
+    calibration_text, evaluation_text = read_text(config.calibration, "train"), read_text(config.evaluation, "test")
+    if config.storage:
+        open_storage(config.storage)
+    tokenizer = adapter.load_tokenizer(config.model)
+    calibration = token_windows(
+        tokenizer, calibration_text, config.seq_len, config.calibration_windows, "calibration text"
+    )
+    final = token_windows(tokenizer, evaluation_text, config.seq_len, FINAL_EVAL_WINDOWS, "evaluation text")
+    search = final[torch.linspace(0, len(final) - 1, min(config.search_windows, len(final))).round().long()]
+    device = default_device() if config.device == "auto" else torch.device(config.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = adapter.load_model(config.model, device, dtype)
+    return Setup(config, RunLayout(config.run_dir()), space, model, calibration, search, final)
+
+
+def make_sampler(
+    config: RunConfig, space: SearchSpace, importance: Importance, resumed_trials: int = 0
+) -> optuna.samplers.BaseSampler:
+    """The chosen sampler. Ours draws per trial number; Optuna's get a seed offset on resume
+    so they do not replay the proposals the study already holds."""
+    if config.sampler == "predictor":
+        return PredictorSampler(space, importance, n_startup=config.n_startup, seed=config.seed)
+    seed = config.seed + resumed_trials
+    if config.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=config.n_startup, multivariate=True)
+    if config.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=config.n_startup, deterministic_objective=True)
+    if config.sampler == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=config.n_startup)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def identity(setup: Setup) -> dict:
+    """What must match for a study to be resumed (or shared by workers)."""
+    c = setup.config
+    return {
+        "model": c.model,
+        "budget": setup.space.budget,
+        "spec": setup.space.spec.to_dict(),
+        "ffn_step": c.ffn_step,
+        "allow_drop": c.allow_drop,
+        "objective": c.objective,
+        "importance": c.importance,
+        "seq_len": c.seq_len,
+        "sampler": c.sampler,
+    }
+
+
+def baselines(study: optuna.Study, setup: Setup, importance: Importance) -> dict[str, float]:
+    """Perplexity of the base model, uniform and threshold pruning on the final evaluation windows (stored once)."""
+    if "baselines" in study.user_attrs:
+        return study.user_attrs["baselines"]
+    model, windows, space = setup.model, setup.final_windows, setup.space
+    out = {"base": perplexity(model, windows, setup.config.batch_size)}
+    for name, arch in (("uniform", space.uniform()), ("threshold", space.threshold(importance))):
+        with masked(model, arch, importance):
+            out[name] = perplexity(model, windows, setup.config.batch_size)
+    study.set_user_attr("baselines", out)
+    return out
+
+
+def search(study: optuna.Study, setup: Setup, importance: Importance) -> None:
+    c = setup.config
+    remaining = c.trials - count_trials(study, *FINISHED)
+    if remaining <= 0:
+        return
+    objective = Objective(setup.model, importance, setup.space, setup.search_windows, c.batch_size)
+    bar = tqdm(total=c.trials, initial=c.trials - remaining, desc="trials", unit="trial")
+
+    def progress(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        bar.update(1)
+        archs, values = measured(study)
+        if len(values):
+            bar.set_postfix(best=f"{values.min():.3f}", last=f"{trial.value:.3f}" if trial.value else trial.state.name)
+
+    try:
+        study.optimize(
+            objective,
+            n_trials=remaining,
+            callbacks=[progress, MaxTrialsCallback(c.trials, states=FINISHED)],
+            gc_after_trial=False,
+        )
+    finally:
+        bar.close()
+
+
+def finish(study: optuna.Study, setup: Setup, importance: Importance, started: float) -> RunSummary:
+    layout, c = setup.layout, setup.config
+    best = best_trial(study)
+    arch = trial_architecture(best)
+    with masked(setup.model, arch, importance):
+        best_ppl = perplexity(setup.model, setup.final_windows, c.batch_size)
+    base = baselines(study, setup, importance)
+    archs, values = measured(study)
+    if len(archs) >= 5:
+        AccuracyPredictor(seed=c.seed).fit(FeatureBuilder(importance).table(archs), values).save(layout.predictor)
+    tau, pairs = own_kendall(study)
+    summary = RunSummary(
+        model=c.model,
+        run_dir=str(layout.root),
+        study_name=study.study_name,
+        storage=layout.storage_url(c),
+        budget_params=setup.space.budget,
+        base_params=Architecture.full(arch.spec).params(),
+        best_params=arch.params(),
+        best_trial=best.number,
+        trials_complete=count_trials(study, TrialState.COMPLETE),
+        trials_failed=count_trials(study, TrialState.FAIL),
+        base_perplexity=base["base"],
+        uniform_perplexity=base["uniform"],
+        threshold_perplexity=base["threshold"],
+        best_perplexity=best_ppl,
+        predictor_kendall_tau=tau,
+        predictor_pairs=pairs,
+        wall_time_s=round(time.time() - started, 1),
+    )
+    write_atomic(layout.best_architecture, arch.to_json())
+    write_atomic(layout.summary_json, summary.to_json())
+    write_atomic(layout.summary_md, summary.to_markdown())
+    publish(study, summary)
+    return summary
+
+
+def resume_command(config: RunConfig, layout: RunLayout, argv: list[str]) -> str:
+    args = list(argv)
+    if not config.out:
+        args += ["--out", str(layout.root)]
+    return "python -m search.run " + " ".join(shlex.quote(a) for a in args)
+
+
+def start(config: RunConfig) -> tuple[Setup, optuna.Study, Importance]:
+    """Check the input, then open the run directory, importance scores and study (resuming when it exists)."""
+    setup = prepare(config)
+    layout = setup.layout
+    fresh = not layout.root.exists()
+    layout.root.mkdir(parents=True, exist_ok=True)
+    try:
+        storage = open_storage(layout.storage_url(config))
+        study = open_study(storage, layout.study_name(config), None, identity(setup))
+        importance = load_or_compute(setup.model, setup.calibration, config.importance, layout.root, config.batch_size)
+    except BaseException:
+        if fresh:  # leave nothing half-written behind
+            shutil.rmtree(layout.root, ignore_errors=True)
+        raise
+    sampler = make_sampler(config, setup.space, importance, len(study.trials))
+    study = optuna.load_study(study_name=study.study_name, storage=storage, sampler=sampler)
+    write_atomic(layout.config, config.to_json())
+    return setup, study, importance
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    started = time.time()
+    try:
+        config = RunConfig(**{f.name: getattr(args, f.name) for f in fields(RunConfig)})
+        setup, study, importance = start(config)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    layout = setup.layout
+    retry_dead_workers(study)
+    watch = layout.storage_url(config).removeprefix("journal:")
+    print(
+        f"run directory: {layout.root}\nbudget: {format_params(setup.space.budget)} parameters\n"
+        f"watch: optuna-dashboard {watch}",
+        file=sys.stderr,
+    )
+    try:
+        baselines(study, setup, importance)
+        search(study, setup, importance)
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted: the running trial is marked failed, finished trials are kept.\n"
+            f"resume with: {resume_command(config, layout, argv)}",
+            file=sys.stderr,
+        )
+        return 130
+    summary = finish(study, setup, importance, started)
+    print(summary.to_markdown())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

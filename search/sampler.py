@@ -1,0 +1,151 @@
+"""The predictor-guided sampler: measure a few candidates, learn, propose the most promising next.
+
+Each `ask` (Optuna's relative sampling) does:
+    startup (fewer than `n_startup` finished trials): uniform, importance-threshold, then random allocations
+    guided: fit the accuracy predictor on the finished trials -> generate a pool of candidates
+            (mutations of the best, crossovers of good pairs, fresh random ones) -> score each by the
+            lower confidence bound  mean - exploration * spread  (the metric is minimised) -> propose
+            the best one that no finished or running trial already holds.
+The prediction made for the proposed candidate is written to the trial before it is measured, so
+prediction quality over the run can be judged afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import optuna
+from optuna.distributions import BaseDistribution
+from optuna.samplers import BaseSampler, RandomSampler
+from optuna.trial import FrozenTrial, TrialState
+
+from predictor.features import FeatureBuilder
+from predictor.model import AccuracyPredictor
+from pruning.architecture import Architecture
+from pruning.importance import Importance
+from search.space import SearchSpace
+
+logger = logging.getLogger(__name__)
+
+ARCH_ATTR = "architecture"  # user attribute holding the evaluated architecture's JSON
+
+
+def trial_architecture(trial: FrozenTrial) -> Architecture | None:
+    text = trial.user_attrs.get(ARCH_ATTR)
+    return Architecture.from_json(text) if text else None
+
+
+def measured(study: optuna.Study) -> tuple[list[Architecture], np.ndarray]:
+    """Architectures and values of the completed trials (finite values only)."""
+    archs, values = [], []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        arch = trial_architecture(t)
+        if arch is not None and t.value is not None and np.isfinite(t.value):
+            archs.append(arch)
+            values.append(t.value)
+    return archs, np.array(values, dtype=float)
+
+
+class PredictorSampler(BaseSampler):
+    def __init__(
+        self,
+        space: SearchSpace,
+        importance: Importance,
+        n_startup: int = 8,
+        pool_size: int = 1000,
+        exploration: float = 1.0,
+        n_members: int = 8,
+        seed: int = 0,
+    ):
+        if n_startup < 5:
+            raise ValueError(f"n_startup must be at least 5 so the predictor has pairs to learn from, got {n_startup}")
+        self.space, self.importance = space, importance
+        self.n_startup, self.pool_size, self.exploration = n_startup, pool_size, exploration
+        self.n_members, self.seed = n_members, seed
+        self.features = FeatureBuilder(importance)
+        self.predictor: AccuracyPredictor | None = None
+        self._fallback = RandomSampler(seed=seed)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        return self.space.distributions()
+
+    def sample_relative(
+        self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, int]:
+        if not search_space:
+            return {}
+        rng = np.random.default_rng([self.seed, trial.number])
+        taken = {self._key(a) for a in self._existing(study, trial)}
+        archs, values = measured(study)
+        if len(archs) < self.n_startup:
+            arch, phase, note = self._startup(len(archs), taken, rng), "startup", {}
+        else:
+            arch, note = self._guided(archs, values, taken, rng)
+            phase = "guided"
+        storage = study._storage
+        storage.set_trial_system_attr(trial._trial_id, "phase", phase)
+        for key, value in note.items():
+            storage.set_trial_system_attr(trial._trial_id, key, value)
+        return self.space.to_params(arch)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._fallback.sample_independent(study, trial, param_name, param_distribution)
+
+    # ---- phases --------------------------------------------------------------------------------
+    def _startup(self, n_measured: int, taken: set, rng: np.random.Generator) -> Architecture:
+        fixed = [self.space.uniform(), self.space.threshold(self.importance)]
+        for arch in fixed[n_measured:]:
+            if self._key(arch) not in taken:
+                return arch
+        return self._fresh([self.space.random(rng) for _ in range(20)], taken)
+
+    def _guided(
+        self, archs: list[Architecture], values: np.ndarray, taken: set, rng: np.random.Generator
+    ) -> tuple[Architecture, dict]:
+        self.predictor = AccuracyPredictor(n_members=self.n_members, seed=self.seed).fit(
+            self.features.table(archs), values
+        )
+        pool = [a for a in self._pool(archs, values, rng) if self._key(a) not in taken]
+        if not pool:
+            return self._fresh([self.space.random(rng) for _ in range(50)], taken), {}
+        mean, spread = self.predictor.predict(self.features.table(pool))
+        best = int(np.argmin(mean - self.exploration * spread))
+        return pool[best], {"predicted": float(mean[best]), "predicted_spread": float(spread[best])}
+
+    def _pool(self, archs: Sequence[Architecture], values: np.ndarray, rng: np.random.Generator) -> list[Architecture]:
+        """Half mutations of the top quarter, a quarter crossovers among it, a quarter fresh random."""
+        elite = [archs[i] for i in np.argsort(values)[: max(2, len(archs) // 4)]]
+        n = self.pool_size
+        pool = [self.space.mutate(elite[rng.integers(len(elite))], rng) for _ in range(n // 2)]
+        for _ in range(n // 4):
+            i, j = rng.choice(len(elite), size=2, replace=False)
+            pool.append(self.space.crossover(elite[i], elite[j], rng))
+        pool += [self.space.random(rng) for _ in range(n - len(pool))]
+        unique = {self._key(a): a for a in pool}
+        return list(unique.values())
+
+    # ---- bookkeeping ---------------------------------------------------------------------------
+    def _key(self, arch: Architecture) -> tuple:
+        return tuple(self.space.to_params(arch).values())
+
+    def _existing(self, study: optuna.Study, current: FrozenTrial) -> list[Architecture]:
+        """Architectures of finished and running trials (running ones by their parameters)."""
+        out = []
+        for t in study.get_trials(deepcopy=False):
+            if t.number == current.number:
+                continue
+            arch = trial_architecture(t)
+            if arch is None and len(t.params) == len(self.space.distributions()):
+                arch = self.space.from_params(t.params)
+            if arch is not None:
+                out.append(arch)
+        return out
+
+    def _fresh(self, candidates: list[Architecture], taken: set) -> Architecture:
+        for arch in candidates:
+            if self._key(arch) not in taken:
+                return arch
+        logger.warning("every generated candidate was already measured; repeating one")
+        return candidates[0]

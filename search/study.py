@@ -1,0 +1,97 @@
+"""Optuna storage and study: create or resume, refuse mismatched studies, retry dead workers' trials.
+
+Storage URLs:
+    sqlite:///runs/x/study.db      default, one machine (heartbeat on, so stale trials are retried)
+    postgresql://host/db           several machines (heartbeat on)
+    journal:runs/x/journal.log     several processes on one machine through a lock-protected file
+For journal files, which have no heartbeat, a running trial whose worker process on
+this host is gone is failed and its parameters are queued again (`retry_dead_workers`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import optuna
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryFailedTrialCallback
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
+
+HEARTBEAT_S = 30
+
+
+class StudyMismatchError(ValueError):
+    pass
+
+
+class StorageError(ValueError):
+    pass
+
+
+def open_storage(url: str) -> BaseStorage:
+    """Connect to (and create the tables of) an Optuna storage; errors say what to change."""
+    try:
+        if url.startswith("journal:"):
+            return JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
+        return RDBStorage(
+            url,
+            heartbeat_interval=HEARTBEAT_S,
+            grace_period=4 * HEARTBEAT_S,
+            heartbeat_stale_trial_callback=RetryFailedTrialCallback(max_retry=2),
+            engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
+        )
+    except Exception as err:  # sqlalchemy/driver errors: unreachable host, bad URL, missing driver
+        raise StorageError(
+            f"cannot open storage {url!r}: {str(err).splitlines()[0]}. Give sqlite:///path/study.db, "
+            "journal:path/journal.log, or a reachable postgresql://user@host/db (pip install 'prunesearch[postgres]')"
+        ) from err
+
+
+def open_study(
+    storage: BaseStorage, name: str, sampler: optuna.samplers.BaseSampler | None, identity: dict[str, Any]
+) -> optuna.Study:
+    """Create the study, or resume it when its `identity` (model, budget, space, objective) matches."""
+    study = optuna.create_study(
+        storage=storage, study_name=name, sampler=sampler, direction="minimize", load_if_exists=True
+    )
+    stored = study.user_attrs.get("identity")
+    if stored is None:
+        study.set_user_attr("identity", identity)
+    elif stored != identity:
+        diff = sorted(k for k in identity if stored.get(k) != identity[k])
+        raise StudyMismatchError(
+            f"study {name!r} already exists for a different {', '.join(diff)}; "
+            "give another --study-name or --out, or repeat the original command to resume it"
+        )
+    return study
+
+
+def retry_dead_workers(study: optuna.Study) -> list[int]:
+    """Fail running trials whose worker process on this host has died; queue their parameters again."""
+    host = socket.gethostname()
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = trial.user_attrs.get("worker", "")
+        worker_host, _, pid = worker.rpartition(":")
+        if worker_host != host or not pid.isdigit() or _alive(int(pid)):
+            continue
+        study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number}, skip_if_exists=True)
+        failed.append(trial.number)
+    return failed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def count_trials(study: optuna.Study, *states: TrialState) -> int:
+    return len(study.get_trials(deepcopy=False, states=states))

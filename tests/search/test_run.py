@@ -1,0 +1,125 @@
+"""The `python -m search.run` job end to end on a tiny locally built model."""
+
+import json
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from pruning.architecture import Architecture
+from search import run
+from search.objective import Objective
+from search.sampler import ARCH_ATTR
+
+
+def args(root, out, *extra):
+    return ["--model", str(root / "model"), "--calibration", str(root / "calibration.txt"),
+            "--evaluation", str(root / "evaluation.txt"), "--seq-len", "32", "--calibration-windows", "8",
+            "--search-windows", "4", "--n-startup", "5", "--ffn-step", "1", "--out", str(out), *extra]
+
+
+def load(out):
+    return optuna.load_study(study_name=out.name, storage=f"sqlite:///{out}/study.db")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    assert run.main(args(tiny_model_dir, out, "--budget", "75%", "--trials", "9")) == 0
+    return out
+
+
+def test_run_writes_everything_a_person_needs(finished_run):
+    out = finished_run
+    for name in ("study.db", "run.json", "best_architecture.json", "summary.json", "summary.md", "predictor"):
+        assert (out / name).exists(), name
+    assert len(list(out.glob("importance-wanda-*.safetensors"))) == 1
+    summary = json.loads((out / "summary.json").read_text())
+    arch = Architecture.from_json((out / "best_architecture.json").read_text())
+    assert summary["best_params"] == arch.params()
+    assert 0.995 * summary["budget_params"] <= arch.params() <= summary["budget_params"]
+    assert summary["dashboard"] == f"optuna-dashboard sqlite:///{out}/study.db"
+    assert summary["best_perplexity"] < summary["base_perplexity"] * 100
+
+
+def test_trials_record_what_was_measured_and_predicted(finished_run):
+    study = load(finished_run)
+    trials = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(trials) == 9
+    archs = [t.user_attrs[ARCH_ATTR] for t in trials]
+    assert len(set(archs)) == 9, "an architecture was measured twice"
+    phases = [t.system_attrs["phase"] for t in trials]
+    assert phases == ["startup"] * 5 + ["guided"] * 4
+    guided = [t for t in trials if t.system_attrs["phase"] == "guided"]
+    assert all(t.system_attrs["predicted_spread"] >= 0 and t.system_attrs["predicted"] > 0 for t in guided)
+    assert all(t.user_attrs["wall_time_s"] > 0 and 0 < t.user_attrs["param_ratio"] < 1 for t in trials)
+    assert set(study.user_attrs["baselines"]) == {"base", "uniform", "threshold"}
+
+
+def test_rerun_resumes_without_remeasuring(finished_run, tiny_model_dir):
+    before = {t.number: (t.value, t.datetime_complete) for t in load(finished_run).trials}
+    assert run.main(args(tiny_model_dir, finished_run, "--budget", "75%", "--trials", "11")) == 0
+    after = load(finished_run).trials
+    assert len(after) == 11
+    assert {t.number: (t.value, t.datetime_complete) for t in after[:9]} == before
+
+
+def test_mismatched_study_is_refused(finished_run, tiny_model_dir, capsys):
+    assert run.main(args(tiny_model_dir, finished_run, "--budget", "60%", "--trials", "11")) == 2
+    assert "already exists for a different budget" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--budget", "5X"], "cannot read budget"),
+        (["--budget", "150%"], "not below the model"),
+        (["--budget", "1K"], "raise the budget"),
+        (["--sampler", "anneal"], "unknown sampler 'anneal'"),
+        (["--storage", "postgresql://nobody@127.0.0.1:1/none"], "cannot open storage"),
+    ],
+)
+def test_bad_input_exits_2_and_writes_nothing(tiny_model_dir, tmp_path, capsys, extra, message):
+    out = tmp_path / "run"
+    assert run.main(args(tiny_model_dir, out, *extra)) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_missing_model_is_named(tmp_path, capsys):
+    assert run.main(["--model", str(tmp_path / "nope"), "--out", str(tmp_path / "run")]) == 2
+    assert "cannot load a model config" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_interrupt_keeps_finished_trials_and_says_how_to_resume(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    measure = Objective.measure
+    calls = []
+
+    def interrupt_third(self, trial, arch):
+        calls.append(trial.number)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return measure(self, trial, arch)
+
+    monkeypatch.setattr(Objective, "measure", interrupt_third)
+    command = args(tiny_model_dir, out, "--budget", "75%", "--trials", "6", "--sampler", "random")
+    assert run.main(command) == 130
+    assert "resume with: python -m search.run" in capsys.readouterr().err
+    states = [t.state for t in load(out).trials]
+    assert states == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL]
+    monkeypatch.setattr(Objective, "measure", measure)
+    assert run.main(command) == 0
+    trials = load(out).trials
+    assert [t.state for t in trials[:2]] == [TrialState.COMPLETE] * 2
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 5
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "cmaes", "gp"])
+def test_peer_samplers_search_the_same_space(tiny_model_dir, tmp_path, sampler):
+    out = tmp_path / sampler
+    assert run.main(args(tiny_model_dir, out, "--budget", "75%", "--trials", "6", "--sampler", sampler)) == 0
+    for t in load(out).get_trials(states=(TrialState.COMPLETE,)):
+        arch = Architecture.from_json(t.user_attrs[ARCH_ATTR])
+        assert 0.995 * load(out).user_attrs["identity"]["budget"] <= arch.params()
