@@ -86,49 +86,49 @@ class FeatureBuilder:
 
     def table(self, archs: Sequence[Architecture]) -> pd.DataFrame:
         kv, hpg, ch = self._shapes(archs)  # each (N, L) int
-        s, n_layers = self.spec, self.spec.num_layers
-        layer = np.arange(n_layers)  # (L,) broadcasts against (N, L)
-        head_kept = self._head_kept[layer, kv, hpg]  # (N, L)
-        chan_kept = self._chan_kept[layer, ch]  # (N, L)
-        attn_mass = head_kept / self._head_total
-        ffn_mass = chan_kept / self._chan_total
-        attn_p, mlp_p = self._attn_params[kv, hpg], self._mlp_params[ch]  # (N, L)
+        layer = np.arange(self.spec.num_layers)  # (L,) broadcasts against (N, L)
+        head_kept, chan_kept = self._head_kept[layer, kv, hpg], self._chan_kept[layer, ch]  # (N, L) raw scores
+        attn_p, mlp_p = self._attn_params[kv, hpg], self._mlp_params[ch]  # (N, L) parameters
         full_attn, full_mlp = self._attn_params[-1, -1], self._mlp_params[-1]
-        early, late = slice(0, (n_layers + 1) // 2), slice(n_layers // 2, None)  # halves; odd L shares the middle
-        masses = np.concatenate([attn_mass, ffn_mass], axis=1)  # (N, 2L)
-        total = (s.shared_params() + attn_p.sum(1) + mlp_p.sum(1)) / (
-            s.shared_params() + n_layers * (full_attn + full_mlp)
-        )
-        columns: dict[str, np.ndarray] = {
-            "params_frac": total,
-            "attn_params_frac": attn_p.sum(1) / (n_layers * full_attn),
-            "mlp_params_frac": mlp_p.sum(1) / (n_layers * full_mlp),
-            "mass_total": (head_kept.sum(1) + chan_kept.sum(1)) / (self._head_total.sum() + self._chan_total.sum()),
-            "mass_mean": masses.mean(1),
-            "attn_mass_mean": attn_mass.mean(1),
-            "ffn_mass_mean": ffn_mass.mean(1),
-            "attn_mass_min": attn_mass.min(1),
-            "ffn_mass_min": ffn_mass.min(1),
-            "mass_early": np.concatenate([attn_mass[:, early], ffn_mass[:, early]], axis=1).mean(1),
-            "mass_late": np.concatenate([attn_mass[:, late], ffn_mass[:, late]], axis=1).mean(1),
-            "attn_dropped_count": (kv == 0).sum(1),
-            "ffn_dropped_count": (ch == 0).sum(1),
-        }
         per_layer = {
-            "attn_frac": kv * hpg / s.num_heads,
-            "ffn_frac": ch / s.intermediate_size,
-            "attn_mass": attn_mass,
-            "ffn_mass": ffn_mass,
+            "attn_frac": kv * hpg / self.spec.num_heads,
+            "ffn_frac": ch / self.spec.intermediate_size,
+            "attn_mass": head_kept / self._head_total,
+            "ffn_mass": chan_kept / self._chan_total,
             "attn_dropped": kv == 0,
             "ffn_dropped": ch == 0,
             "block_params": (attn_p + mlp_p) / (full_attn + full_mlp),
         }
+        shared, n_layers = self.spec.shared_params(), self.spec.num_layers
+        summary = self._summaries(per_layer["attn_mass"], per_layer["ffn_mass"]) | {
+            "params_frac": (shared + attn_p.sum(1) + mlp_p.sum(1)) / (shared + n_layers * (full_attn + full_mlp)),
+            "attn_params_frac": attn_p.sum(1) / (n_layers * full_attn),
+            "mlp_params_frac": mlp_p.sum(1) / (n_layers * full_mlp),
+            "mass_total": (head_kept.sum(1) + chan_kept.sum(1)) / (self._head_total.sum() + self._chan_total.sum()),
+            "attn_dropped_count": (kv == 0).sum(1),
+            "ffn_dropped_count": (ch == 0).sum(1),
+        }
         data = np.column_stack(
-            [columns[c] for c in GLOBAL_COLUMNS] + [per_layer[k] for k in LAYER_KINDS]
+            [summary[c] for c in GLOBAL_COLUMNS] + [per_layer[k] for k in LAYER_KINDS]
         ).astype(np.float64)  # (N, F)
         out = pd.DataFrame(data, columns=self.columns)
         out.attrs[SIGNATURE_KEY] = self.signature
         return out
+
+    @staticmethod
+    def _summaries(attn_mass: np.ndarray, ffn_mass: np.ndarray) -> dict[str, np.ndarray]:
+        """Statistics over depth of the (N, L) per-layer masses; each (N,)."""
+        n_layers = attn_mass.shape[1]
+        early, late = slice(0, (n_layers + 1) // 2), slice(n_layers // 2, None)  # halves; odd L shares the middle
+        return {
+            "mass_mean": (attn_mass.mean(1) + ffn_mass.mean(1)) / 2,
+            "attn_mass_mean": attn_mass.mean(1),
+            "ffn_mass_mean": ffn_mass.mean(1),
+            "attn_mass_min": attn_mass.min(1),
+            "ffn_mass_min": ffn_mass.min(1),
+            "mass_early": (attn_mass[:, early].mean(1) + ffn_mass[:, early].mean(1)) / 2,
+            "mass_late": (attn_mass[:, late].mean(1) + ffn_mass[:, late].mean(1)) / 2,
+        }
 
     def _shapes(self, archs: Sequence[Architecture]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         for a in archs:
