@@ -1,0 +1,88 @@
+"""Held-out evaluation before and after recovery: perplexity, and task accuracy by option log-likelihood.
+
+Accuracy follows the lm-evaluation-harness "acc" rule: an example is right when
+its answer is the option with the largest summed log-probability
+
+    score(o) = Σ_{t ∈ o} log p(o_t | context, o_<t)
+
+given the same few-shot context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+from finetune.data import EncodedTask
+from pruning.metrics import perplexity
+
+
+@dataclass(frozen=True)
+class EvalData:
+    """Held-out evaluation: (N, T) text windows, and encoded task examples with options (may be empty)."""
+
+    windows: torch.Tensor
+    tasks: tuple[EncodedTask, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tasks", tuple(self.tasks))
+        if self.windows.dim() != 2 or len(self.windows) == 0:
+            raise ValueError(f"evaluation windows must be a non-empty (N, T) tensor, got {tuple(self.windows.shape)}")
+        if any(t.label < 0 for t in self.tasks):
+            raise ValueError("evaluation task examples need options (and the answer among them) to score accuracy")
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    perplexity: float
+    task_accuracy: float | None = None
+
+    def to_dict(self) -> dict[str, float]:
+        out = {"perplexity": self.perplexity}
+        if self.task_accuracy is not None:
+            out["task_accuracy"] = self.task_accuracy
+        return out
+
+
+def evaluate(model: PreTrainedModel, data: EvalData, batch_size: int = 8) -> Evaluation:
+    was_training = model.training
+    model.eval()
+    try:
+        ppl = perplexity(model, data.windows, batch_size=batch_size)
+        accuracy = option_accuracy(model, data.tasks, batch_size) if data.tasks else None
+    finally:
+        model.train(was_training)
+    return Evaluation(ppl, accuracy)
+
+
+def option_accuracy(model: PreTrainedModel, tasks: tuple[EncodedTask, ...], batch_size: int = 8) -> float:
+    """Fraction of `tasks` whose highest-scoring option is the answer."""
+    pairs = [(t.context, opt) for t in tasks for opt in t.continuations[1:]]
+    scores = torch.cat([_scores(model, pairs[i : i + batch_size]) for i in range(0, len(pairs), batch_size)])
+    right, start = 0, 0
+    for t in tasks:
+        n = len(t.continuations) - 1
+        right += int(scores[start : start + n].argmax().item() == t.label)
+        start += n
+    return right / len(tasks)
+
+
+@torch.inference_mode()
+def _scores(model: PreTrainedModel, pairs: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> torch.Tensor:
+    """Summed log-probability of each continuation after its context: (len(pairs),)."""
+    device = next(model.parameters()).device
+    width = max(len(c) + len(o) for c, o in pairs)
+    ids = torch.zeros(len(pairs), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    target = torch.zeros_like(ids, dtype=torch.bool)  # positions holding continuation tokens
+    for r, (c, o) in enumerate(pairs):
+        ids[r, : len(c) + len(o)] = torch.tensor(c + o)
+        mask[r, : len(c) + len(o)] = 1
+        target[r, len(c) : len(c) + len(o)] = True
+    ids, mask, target = ids.to(device), mask.to(device), target.to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # (B, W-1, V)
+    logp = logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, W-1): log p(token t+1)
+    return (logp * target[:, 1:]).sum(1).cpu()

@@ -1,0 +1,133 @@
+"""LoRA recovery on tiny sliced models: loss falls, adapters merge away, shapes and counts are kept."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from finetune.data import TaskFormat, encode_tasks, lm_domain, task_domain
+from finetune.distill import dense_reference
+from finetune.evaluate import EvalData
+from finetune.recover import RecoveryConfig, RecoveryConfigError, recover
+from pruning import adapter
+from pruning.architecture import Architecture, LayerShape
+from pruning.importance import compute_importance
+from pruning.slicing import slice_model
+from tests.finetune.conftest import char_model, char_tokenizer
+
+SHAPES = (LayerShape(1, 2, 13), LayerShape(0, 0, 40), LayerShape(2, 1, 0))
+FAST = dict(batch_size=4, lr=1e-2, warmup_ratio=0.0, domain_update_every=5)
+
+
+def pattern_windows(n: int = 8, width: int = 16) -> torch.Tensor:
+    """Windows of a period-7 token pattern at different offsets: easy to learn, hard to know untrained."""
+    return (torch.arange(width)[None, :] + torch.arange(n)[:, None]) % 7 + 10
+
+
+def sliced(family: str = "llama"):
+    model = char_model(family)
+    calibration = pattern_windows()
+    arch = Architecture(adapter.model_spec(model), SHAPES)
+    return model, arch, compute_importance(model, calibration)
+
+
+def test_recovery_lowers_loss_and_merges_back_to_the_sliced_model():
+    model, arch, importance = sliced()
+    slice_model(model, arch, importance)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    windows = pattern_windows()
+    out, result = recover(model, [lm_domain("text", windows)], RecoveryConfig(steps=20, **FAST),
+                          evaluation=EvalData(windows), progress=False)
+    assert out is model and type(out) is LlamaForCausalLM
+    assert not any("lora" in name.lower() for name, _ in out.named_modules())
+    assert sum(p.numel() for p in out.parameters()) == arch.params()
+    assert {n: p.shape for n, p in out.named_parameters()} == {n: p.shape for n, p in before.items()}
+    assert all(p.requires_grad for p in out.parameters()) and out.training is False
+    changed = [n for n, p in out.named_parameters() if not torch.equal(p, before[n])]
+    assert "model.layers.0.self_attn.q_proj.weight" in changed and "model.embed_tokens.weight" not in changed
+    assert sum(result.losses[-5:]) < 0.9 * sum(result.losses[:5])
+    assert result.after.perplexity < 0.5 * result.before.perplexity
+    assert len(result.losses) == result.steps == 20
+    assert result.domain_weights == ((1.0,),) * 5
+    assert result.trainable_params == sum(8 * (m.in_features + m.out_features) for m in _linears(before_model=arch))
+    json.dumps(result.to_dict())
+
+
+def _linears(before_model: Architecture):
+    """The nn.Linear shapes LoRA adapts in a model sliced to SHAPES (hidden 48, head_dim 8)."""
+    shapes = []
+    for x in before_model.layers:
+        if x.kv_heads:
+            q, kv = x.query_heads * 8, x.kv_heads * 8
+            shapes += [torch.nn.Linear(48, q), torch.nn.Linear(48, kv), torch.nn.Linear(48, kv), torch.nn.Linear(q, 48)]
+        if x.ffn_channels:
+            f = x.ffn_channels
+            shapes += [torch.nn.Linear(48, f), torch.nn.Linear(48, f), torch.nn.Linear(f, 48)]
+    return shapes
+
+
+def test_recovery_is_deterministic_for_a_seed():
+    runs = []
+    for _ in range(2):
+        model, arch, importance = sliced("qwen2")
+        slice_model(model, arch, importance)
+        _, result = recover(model, [lm_domain("text", pattern_windows())], RecoveryConfig(steps=4, **FAST),
+                            progress=False)
+        runs.append(result.losses)
+    assert runs[0] == runs[1]
+
+
+def test_distillation_and_dynamic_batch_loading_over_text_and_task_domains():
+    tok = char_tokenizer()
+    fmt = TaskFormat(template="{q}=")
+    rows = [{"q": f"{a}+{b}", "answer": str(a + b)} for a in range(4) for b in range(4)]
+    encoded = encode_tasks(tok, tuple(fmt.example(r) for r in rows), max_len=40, shots=2, seed=0)
+    domains = [lm_domain("text", pattern_windows()), task_domain("arith", encoded, tok.pad_token_id)]
+    model, arch, importance = sliced()
+    reference = dense_reference(model, domains, top_k=8, temperature=2.0)  # before slicing
+    slice_model(model, arch, importance)
+    config = RecoveryConfig(steps=20, distill_weight=0.5, **FAST)
+    out, result = recover(model, domains, config, reference=reference, progress=False)
+    assert sum(p.numel() for p in out.parameters()) == arch.params()
+    assert result.domains == ("text", "arith")
+    assert len(result.domain_weights) == 1 + 20 // 5
+    assert result.domain_weights[0] == (0.5, 0.5)
+    assert all(sum(w) == pytest.approx(1.0, abs=1e-12) for w in result.domain_weights)
+    assert sum(result.losses[-5:]) < sum(result.losses[:5])
+
+
+def test_inputs_are_checked_before_training():
+    model, arch, importance = sliced()
+    a, b = lm_domain("a", pattern_windows()), lm_domain("b", pattern_windows())
+    with pytest.raises(ValueError, match="dense_reference"):
+        recover(model, [a, b], RecoveryConfig(steps=2), progress=False)
+    with pytest.raises(ValueError, match="unique names"):
+        recover(model, [a, a], RecoveryConfig(steps=2), progress=False)
+    no_targets = dense_reference(model, [a])
+    with pytest.raises(ValueError, match="top_k=32"):
+        recover(model, [a], RecoveryConfig(steps=2, distill_weight=0.3), reference=no_targets, progress=False)
+    assert not any("lora" in name.lower() for name, _ in model.named_modules())
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"steps": 0}, "steps must be a positive integer"),
+    ({"rank": 2.5}, "rank must be a positive integer"),
+    ({"warmup_ratio": 1.0}, r"warmup_ratio must be in \[0, 1\)"),
+    ({"lr": 0.0}, "lr must be positive"),
+    ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
+    ({"distill_weight": 1.5}, r"distill_weight \(the KL share of the loss\) must be in \[0, 1\]"),
+    ({"domain_eta": -1.0}, "domain_eta must be >= 0"),
+])
+def test_config_errors_say_what_to_change(settings, message):
+    with pytest.raises(RecoveryConfigError, match=message):
+        RecoveryConfig(**settings)
+
+
+def test_config_round_trips_through_a_dict():
+    config = RecoveryConfig(steps=7, rank=4, distill_weight=0.25)
+    assert RecoveryConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    with pytest.raises(RecoveryConfigError, match="unknown recovery settings"):
+        RecoveryConfig.from_dict({"step": 3})
