@@ -7,6 +7,8 @@ gate/up/down; never the LM head), trained on
 
     loss = (1 - λ) · NLL(labels) + λ · τ² · KL(teacher || student)      (λ = distill_weight)
 
+(both means over the labelled tokens; see finetune.losses for the bucketed KL and
+the chunked LM head)
 with rows drawn from the training domains by dynamic batch loading (one domain:
 plain shuffled passes). At the end `merge_and_unload` folds B A into W, so the
 returned model is the same module tree as the input with the same parameter count.
@@ -27,9 +29,10 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, get_cosine_schedule_with_warmup
 
 from finetune.data import IGNORE, Domain
-from finetune.distill import DenseReference, TeacherTargets, distill_loss, token_nll
+from finetune.distill import DenseReference
 from finetune.dynamic import DomainSampler
 from finetune.evaluate import EvalData, Evaluation, evaluate
+from finetune.losses import TeacherTargets, next_token_losses
 
 
 class RecoveryConfigError(ValueError):
@@ -174,16 +177,16 @@ class _Trainer:
 
     def _step(self, picks: list[tuple[int, int]]) -> float:
         batch, teacher, owners = self._batch(picks)
+        base = self.peft.get_base_model()  # LoRA layers are injected in place, so its decoder trains them
+        tau = self.reference.temperature if teacher else 1.0
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda):
-            logits = self.peft(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                               use_cache=False).logits  # (B, W, V)
-        nll, tokens = token_nll(logits, batch["labels"])  # (B,), (B,)
+            hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                        use_cache=False).last_hidden_state  # (B, W, H)
+            nll, tokens, kl = next_token_losses(hidden, base.get_output_embeddings(), batch["labels"], teacher, tau)
         loss = nll.sum() / tokens.sum()
         lam = self.config.distill_weight
         if lam > 0:
-            mask = batch["labels"][:, 1:] != IGNORE
-            kd = distill_loss(logits[:, :-1], teacher, mask, self.reference.temperature)
-            loss = (1 - lam) * loss + lam * kd
+            loss = (1 - lam) * loss + lam * tau**2 * kl / tokens.sum()
         if not math.isfinite(loss.item()):
             raise FloatingPointError("recovery loss is not finite; lower lr or check the training data")
         loss.backward()

@@ -1,4 +1,4 @@
-"""Bucketed KL: zero for identical models, the full KL when k covers the vocabulary; dense reference losses."""
+"""Bucketed KL: zero for identical models, full KL when k covers the vocabulary; chunked losses; dense reference."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from finetune import losses
 from finetune.data import lm_domain
-from finetune.distill import TeacherTargets, bucket_logprobs, dense_reference, distill_loss
+from finetune.distill import dense_reference
+from finetune.losses import TeacherTargets, bucket_logprobs, distill_loss, next_token_losses
 from pruning.metrics import perplexity
 from tests.finetune.conftest import char_model
 
@@ -62,3 +64,29 @@ def test_dense_reference_loss_is_log_perplexity_and_targets_have_their_shapes(wi
     assert dense_reference(model, [lm_domain("a", windows)]).targets == {}
     with pytest.raises(ValueError, match="top_k must be in"):
         dense_reference(model, [lm_domain("a", windows)], top_k=86)
+
+
+@pytest.mark.parametrize("with_teacher", [False, True])
+def test_chunked_losses_and_gradients_equal_the_whole_logits_computation(monkeypatch, with_teacher):
+    g = torch.Generator().manual_seed(4)
+    head = torch.nn.Linear(6, 30, bias=False)
+    hidden = torch.randn(2, 9, 6, generator=g, requires_grad=True)
+    labels = torch.randint(0, 30, (2, 9), generator=g)
+    labels[0, :4] = -100
+    teacher = targets_from(torch.randn(2, 8, 30, generator=g), 5, 2.0) if with_teacher else None
+    results = []
+    for chunk_bytes in (losses.LOGITS_CHUNK_BYTES, 4 * 2 * 30 * 3):  # one chunk; chunks of 3 positions
+        monkeypatch.setattr(losses, "LOGITS_CHUNK_BYTES", chunk_bytes)
+        nll, tokens, kl = next_token_losses(hidden, head, labels, teacher, 2.0)
+        (grad,) = torch.autograd.grad(nll.sum() + kl, hidden)
+        results.append((nll, tokens, kl, grad))
+    assert losses.chunk_positions(2, 30) == 3
+    for whole, chunked in zip(*results, strict=True):
+        torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=0)
+    logits = head(hidden[:, :-1])
+    expected = F.cross_entropy(logits.transpose(1, 2), labels[:, 1:], reduction="none").sum(1)
+    torch.testing.assert_close(results[0][0], expected.detach(), atol=1e-6, rtol=0)
+    assert results[0][1].tolist() == [5, 8]
+    if with_teacher:
+        mask = labels[:, 1:] != -100
+        torch.testing.assert_close(results[0][2] / 13, distill_loss(logits, teacher, mask, 2.0) / 4, atol=1e-6, rtol=0)
