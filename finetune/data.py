@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pruning.data import read_text, token_windows
+
 IGNORE = -100  # label of positions without loss (the convention of transformers and F.cross_entropy)
 SHOT_SEPARATOR = "\n\n"
 
@@ -60,6 +62,12 @@ class Domain:
 def lm_domain(name: str, windows: torch.Tensor) -> Domain:
     """A language-modelling domain from (N, T) token windows (pruning.data.token_windows)."""
     return Domain(name, windows, windows.clone(), torch.ones_like(windows))
+
+
+def text_domain(name: str, tokenizer, source: str | Path, seq_len: int, max_windows: int | None = None) -> Domain:
+    """A language-modelling domain from a text file, a directory of text files or a hub corpus name."""
+    text = read_text(source)
+    return lm_domain(name, token_windows(tokenizer, text, seq_len, max_windows, what=f"text of domain {name!r}"))
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from finetune.data import (
     read_task_jsonl,
     shot_indices,
     task_domain,
+    text_domain,
 )
 from tests.finetune.conftest import char_tokenizer
 
@@ -119,3 +120,11 @@ def test_lm_domain_labels_every_token_and_domains_validate():
         Domain("x", windows, windows[:, :3], torch.ones_like(windows))
     with pytest.raises(ValueError, match="no labelled token"):
         Domain("x", windows, torch.full_like(windows, IGNORE), torch.ones_like(windows))
+
+
+def test_text_domain_reads_a_file_into_windows(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text("abcdefghij" * 3)
+    d = text_domain("a", char_tokenizer(), path, seq_len=8)
+    assert d.input_ids.shape == (3, 8)
+    assert d.input_ids[0].tolist() == ids("abcdefgh")
