@@ -129,7 +129,11 @@ def recover(model: PreTrainedModel, domains: Sequence[Domain], config: RecoveryC
     before = evaluate(model, evaluation) if evaluation is not None else None
     start = time.perf_counter()
     trainable = _Trainer(model, domains, config, reference)
-    losses = trainable.run(progress)
+    try:
+        losses = trainable.run(progress)
+    except BaseException:
+        trainable.discard()  # hand back the model as it came, not half-wrapped
+        raise
     model = trainable.merge()
     seconds = time.perf_counter() - start
     after = evaluate(model, evaluation) if evaluation is not None else None
@@ -218,9 +222,16 @@ class _Trainer:
         return TeacherTargets(stack("logprobs"), stack("indices"), stack("rest"))
 
     def merge(self) -> PreTrainedModel:
+        """Fold every B A into its W and remove the adapters."""
+        return self._restore(self.peft.merge_and_unload())
+
+    def discard(self) -> PreTrainedModel:
+        """Remove the adapters without merging (the weights are as before training)."""
+        return self._restore(self.peft.unload())
+
+    def _restore(self, model: PreTrainedModel) -> PreTrainedModel:
         if self.cuda:
-            self.peft.gradient_checkpointing_disable()
-        model = self.peft.merge_and_unload()
+            model.gradient_checkpointing_disable()
         for n, p in model.named_parameters():
             p.requires_grad_(self.requires_grad[n])
         return model.eval()

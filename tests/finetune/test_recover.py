@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from finetune import recover as recover_module
 from finetune.data import TaskFormat, encode_tasks, lm_domain, task_domain
 from finetune.distill import dense_reference
 from finetune.evaluate import EvalData
@@ -97,6 +98,27 @@ def test_distillation_and_dynamic_batch_loading_over_text_and_task_domains():
     assert result.domain_weights[0] == (0.5, 0.5)
     assert all(sum(w) == pytest.approx(1.0, abs=1e-12) for w in result.domain_weights)
     assert sum(result.losses[-5:]) < sum(result.losses[:5])
+
+
+def test_a_failed_run_hands_back_the_model_unchanged(monkeypatch):
+    model, arch, importance = sliced()
+    slice_model(model, arch, importance)
+    state = {n: p.detach().clone() for n, p in model.named_parameters()}
+    calls = []
+
+    def nan_on_third(self, picks):
+        calls.append(picks)
+        if len(calls) == 3:
+            raise FloatingPointError("recovery loss is not finite")
+        return original(self, picks)
+
+    original = recover_module._Trainer._step
+    monkeypatch.setattr(recover_module._Trainer, "_step", nan_on_third)
+    with pytest.raises(FloatingPointError):
+        recover(model, [lm_domain("text", pattern_windows())], RecoveryConfig(steps=5, **FAST), progress=False)
+    assert not any("lora" in name.lower() for name, _ in model.named_modules())
+    assert all(torch.equal(p, state[n]) for n, p in model.named_parameters())
+    assert all(p.requires_grad for p in model.parameters())
 
 
 def test_inputs_are_checked_before_training():
