@@ -169,6 +169,7 @@ def compare(model_dir: Path, device: str, threads: int, work: Path, rounds: int 
         "peak_memory_over_weights": {k: (weights[k] + peak[k]) / weights[k] for k in models},
         "weights_mib": {k: weights[k] / 2**20 for k in models},
         "training_peak_mib": {k: peak[k] / 2**20 for k in models},
+        "one_fp32_logits_mib": BATCH * SEQ_LEN * dense.config.vocab_size * 4 / 2**20,  # the same for both models
         "forward_s": {"dense": t_dense, "pruned": t_pruned, "ratio": t_pruned / t_dense},
     }
 

@@ -129,6 +129,18 @@ def read_task_jsonl(path: str | Path, fmt: TaskFormat) -> tuple[TaskExample, ...
     return tuple(examples)
 
 
+def split_examples(examples: tuple[TaskExample, ...], held_out: float, seed: int = 0):
+    """(train, held_out) by a seeded permutation; `held_out` is the evaluation share, in (0, 1)."""
+    if not 0 < held_out < 1:
+        raise TaskDataError(f"the held-out share must be in (0, 1), got {held_out}")
+    n_eval = max(1, round(held_out * len(examples)))
+    if n_eval >= len(examples):
+        raise TaskDataError(f"{len(examples)} examples are too few to hold {held_out:.0%} out; give more examples")
+    order = np.random.default_rng(seed).permutation(len(examples))
+    train, held = sorted(order[n_eval:]), sorted(order[:n_eval])
+    return tuple(examples[i] for i in train), tuple(examples[i] for i in held)
+
+
 def shot_indices(n_pool: int, shots: int, seed: int, index: int, exclude_self: bool) -> list[int]:
     """Indices of the few-shot examples of example `index`: a function of (seed, index) only.
 

@@ -17,6 +17,7 @@ from finetune.data import (
     lm_domain,
     read_task_jsonl,
     shot_indices,
+    split_examples,
     task_domain,
     text_domain,
 )
@@ -128,3 +129,14 @@ def test_text_domain_reads_a_file_into_windows(tmp_path):
     d = text_domain("a", char_tokenizer(), path, seq_len=8)
     assert d.input_ids.shape == (3, 8)
     assert d.input_ids[0].tolist() == ids("abcdefgh")
+
+
+def test_split_is_seeded_disjoint_and_complete():
+    many = tuple(TaskExample(f"q{i}", " a") for i in range(10))
+    train, held = split_examples(many, 0.3, seed=1)
+    assert (len(train), len(held)) == (7, 3)
+    assert sorted(train + held, key=lambda e: int(e.prompt[1:])) == list(many)
+    assert split_examples(many, 0.3, seed=1) == (train, held)
+    assert split_examples(many, 0.3, seed=2) != (train, held)
+    with pytest.raises(TaskDataError, match="too few"):
+        split_examples(many[:1], 0.5)
