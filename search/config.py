@@ -41,8 +41,18 @@ class RunConfig:
     device: str = "auto"
     batch_size: int = 8
     seed: int = 0
+    export: bool = True  # after the search: slice, recover and export the best architecture
+    recover_steps: int = 100
+    recover_windows: int = 512
+    lora_rank: int = 8
+    distill: float = 0.5
+    domains: tuple[str, ...] = ()  # extra training text, "NAME=PATH"
+    task: str | None = None
+    task_template: str = "{prompt}"
+    shots: int = 0
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "domains", tuple(self.domains))
         checks = [
             (self.sampler in SAMPLERS, f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}"),
             (self.objective in OBJECTIVES, f"unknown objective {self.objective!r}; choose {', '.join(OBJECTIVES)}"),
@@ -58,10 +68,20 @@ class RunConfig:
                 self.device in ("auto", "cpu") or self.device.startswith("cuda"),
                 f"--device must be auto, cpu or cuda[:N], got {self.device!r}",
             ),
+            (self.recover_steps >= 0, f"--recover-steps must be >= 0, got {self.recover_steps}"),
+            (0 <= self.distill <= 1, f"--distill is a loss weight in [0, 1], got {self.distill}"),
+            (self.lora_rank >= 1 and self.recover_windows >= 1 and self.shots >= 0,
+             "--lora-rank and --recover-windows must be >= 1, --shots >= 0"),
+            (all("=" in d and d.partition("=")[0] and d.partition("=")[2] for d in self.domains),
+             f"--domain takes NAME=PATH, got {list(self.domains)}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+
+    def domain_sources(self) -> list[tuple[str, str]]:
+        """(name, text source) of every language-modelling domain recovery trains on."""
+        return [("calibration", self.calibration), *(tuple(d.split("=", 1)) for d in self.domains)]
 
     def run_dir(self) -> Path:
         if self.out:

@@ -16,42 +16,30 @@ import shlex
 import shutil
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import fields, replace
 
 import optuna
-import torch
 from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from predictor.features import FeatureBuilder
 from predictor.model import AccuracyPredictor
-from pruning import adapter
-from pruning.architecture import Architecture, ArchitectureError
-from pruning.data import DataError, read_text, token_windows
+from pruning.architecture import Architecture
 from pruning.importance import Importance, load_or_compute
 from pruning.masking import masked
-from pruning.metrics import default_device, perplexity
-from search.budget import BudgetError, format_params, parse_budget
-from search.config import SAMPLERS, ConfigError, RunConfig, RunLayout
+from pruning.metrics import perplexity
+from search.budget import format_params
+from search.config import SAMPLERS, RunConfig, RunLayout
+from search.export import add_recovery_arguments, recover_and_export
 from search.objective import Objective
 from search.report import RunSummary, best_trial, own_kendall, publish, write_atomic
 from search.sampler import PredictorSampler, measured, trial_architecture
-from search.space import InfeasibleBudgetError, SearchSpace
-from search.study import StorageError, StudyMismatchError, count_trials, open_storage, open_study, retry_dead_workers
+from search.setup import FINAL_EVAL_WINDOWS, USER_ERRORS, Setup, prepare
+from search.space import SearchSpace
+from search.study import count_trials, open_storage, open_study, retry_dead_workers
 
-USER_ERRORS = (
-    ConfigError,
-    BudgetError,
-    adapter.UnsupportedModelError,
-    ArchitectureError,
-    DataError,
-    InfeasibleBudgetError,
-    StorageError,
-    StudyMismatchError,
-)
 FINISHED = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
-FINAL_EVAL_WINDOWS = 512
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,40 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=d.device, help="auto, cpu or cuda[:N] (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="(default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
+    add_recovery_arguments(p, d)
     return p
-
-
-@dataclass
-class Setup:
-    """Everything a run needs, built and checked before anything is written."""
-
-    config: RunConfig
-    layout: RunLayout
-    space: SearchSpace
-    model: torch.nn.Module
-    calibration: torch.Tensor  # (N, T)
-    search_windows: torch.Tensor  # (M, T)
-    final_windows: torch.Tensor  # (K, T)
-
-
-def prepare(config: RunConfig) -> Setup:
-    model_config = adapter.load_config(config.model)
-    spec = adapter.spec_from_config(model_config, config.model)
-    budget = parse_budget(config.budget, Architecture.full(spec).params())
-    space = SearchSpace(spec, budget, ffn_step=config.ffn_step, allow_drop=config.allow_drop)
-    calibration_text, evaluation_text = read_text(config.calibration, "train"), read_text(config.evaluation, "test")
-    if config.storage:
-        open_storage(config.storage)
-    tokenizer = adapter.load_tokenizer(config.model)
-    calibration = token_windows(
-        tokenizer, calibration_text, config.seq_len, config.calibration_windows, "calibration text"
-    )
-    final = token_windows(tokenizer, evaluation_text, config.seq_len, FINAL_EVAL_WINDOWS, "evaluation text")
-    search = final[torch.linspace(0, len(final) - 1, min(config.search_windows, len(final))).round().long()]
-    device = default_device() if config.device == "auto" else torch.device(config.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = adapter.load_model(config.model, device, dtype)
-    return Setup(config, RunLayout(config.run_dir()), space, model, calibration, search, final)
 
 
 def make_sampler(
@@ -253,9 +209,27 @@ def finish(study: optuna.Study, setup: Setup, importance: Importance, started: f
         wall_time_s=round(time.time() - started, 1),
     )
     write_atomic(layout.best_architecture, arch.to_json())
+    write_summary(study, layout, summary)
+    return summary
+
+
+def write_summary(study: optuna.Study, layout: RunLayout, summary: RunSummary) -> None:
     write_atomic(layout.summary_json, summary.to_json())
     write_atomic(layout.summary_md, summary.to_markdown())
     publish(study, summary)
+
+
+def export_best(study: optuna.Study, setup: Setup, importance: Importance, summary: RunSummary,
+                argv: list[str]) -> RunSummary:
+    """Slice the best architecture, recover it and export it into <run>/model; record the metrics."""
+    layout = setup.layout
+    arch = Architecture.from_json(layout.best_architecture.read_text())
+    command = "python -m search.run " + shlex.join(argv)
+    record = recover_and_export(setup.model, importance, arch, setup.config, setup.final_windows, layout.model,
+                                command, force=True)
+    study.set_user_attr("recovery", record)
+    summary = replace(summary, recovery=record)
+    write_summary(study, layout, summary)
     return summary
 
 
@@ -317,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 130
     summary = finish(study, setup, importance, started)
+    if config.export:
+        summary = export_best(study, setup, importance, summary, argv)
     print(summary.to_markdown())
     return 0
 

@@ -10,16 +10,20 @@ this host is gone is failed and its parameters are queued again (`retry_dead_wor
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from typing import Any
 
 import optuna
+import sqlalchemy.exc
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryFailedTrialCallback
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 HEARTBEAT_S = 30
+SCHEMA_ATTEMPTS = 3
 
 
 class StudyMismatchError(ValueError):
@@ -35,18 +39,28 @@ def open_storage(url: str) -> BaseStorage:
     try:
         if url.startswith("journal:"):
             return JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
-        return RDBStorage(
-            url,
-            heartbeat_interval=HEARTBEAT_S,
-            grace_period=4 * HEARTBEAT_S,
-            heartbeat_stale_trial_callback=RetryFailedTrialCallback(max_retry=2),
-            engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
-        )
+        return _rdb_storage(url)
     except Exception as err:  # sqlalchemy/driver errors: unreachable host, bad URL, missing driver
         raise StorageError(
             f"cannot open storage {url!r}: {str(err).splitlines()[0]}. Give sqlite:///path/study.db, "
             "journal:path/journal.log, or a reachable postgresql://user@host/db (pip install 'prunesearch[postgres]')"
         ) from err
+
+
+def _rdb_storage(url: str) -> RDBStorage:
+    """Workers started together on an empty database race to create Optuna's tables, in two
+    transactions (the tables, then alembic's version table). A loser's error comes once the winner
+    has committed, so each race costs it one more try and the third finds everything there."""
+    options = dict(
+        heartbeat_interval=HEARTBEAT_S,
+        grace_period=4 * HEARTBEAT_S,
+        heartbeat_stale_trial_callback=RetryFailedTrialCallback(max_retry=2),
+        engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
+    )
+    for _ in range(SCHEMA_ATTEMPTS - 1):
+        with contextlib.suppress(sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            return RDBStorage(url, **options)
+    return RDBStorage(url, **options)
 
 
 def open_study(
@@ -77,8 +91,11 @@ def retry_dead_workers(study: optuna.Study) -> list[int]:
         worker_host, _, pid = worker.rpartition(":")
         if worker_host != host or not pid.isdigit() or _alive(int(pid)):
             continue
-        study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
-        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number}, skip_if_exists=True)
+        try:
+            study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        except UpdateFinishedTrialError:  # another worker starting up got there first and queued it
+            continue
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
         failed.append(trial.number)
     return failed
 

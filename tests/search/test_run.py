@@ -15,7 +15,7 @@ from search.sampler import ARCH_ATTR
 def args(root, out, *extra):
     return ["--model", str(root / "model"), "--calibration", str(root / "calibration.txt"),
             "--evaluation", str(root / "evaluation.txt"), "--seq-len", "32", "--calibration-windows", "8",
-            "--search-windows", "4", "--n-startup", "5", "--ffn-step", "1", "--out", str(out), *extra]
+            "--search-windows", "4", "--n-startup", "5", "--ffn-step", "1", "--no-export", "--out", str(out), *extra]
 
 
 def load(out):
@@ -25,13 +25,15 @@ def load(out):
 @pytest.fixture(scope="module")
 def finished_run(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "tiny"
-    assert run.main(args(tiny_model_dir, out, "--budget", "75%", "--trials", "9")) == 0
+    command = args(tiny_model_dir, out, "--budget", "75%", "--trials", "9")
+    command.remove("--no-export")
+    assert run.main([*command, "--recover-steps", "3", "--recover-windows", "8"]) == 0
     return out
 
 
 def test_run_writes_everything_a_person_needs(finished_run):
     out = finished_run
-    for name in ("study.db", "run.json", "best_architecture.json", "summary.json", "summary.md", "predictor"):
+    for name in ("study.db", "run.json", "best_architecture.json", "summary.json", "summary.md", "predictor", "model"):
         assert (out / name).exists(), name
     assert len(list(out.glob("importance-wanda-*.safetensors"))) == 1
     summary = json.loads((out / "summary.json").read_text())
@@ -40,6 +42,19 @@ def test_run_writes_everything_a_person_needs(finished_run):
     assert 0.995 * summary["budget_params"] <= arch.params() <= summary["budget_params"]
     assert summary["dashboard"] == f"optuna-dashboard sqlite:///{out}/study.db"
     assert summary["best_perplexity"] < summary["base_perplexity"] * 100
+
+
+def test_run_exports_the_recovered_best_model(finished_run):
+    from transformers import AutoModelForCausalLM
+
+    summary = json.loads((finished_run / "summary.json").read_text())
+    recovery = summary["recovery"]
+    assert recovery["export"] == str(finished_run / "model")
+    assert set(recovery) >= {"dense", "pruned", "recovered"}
+    assert recovery["recovered"]["perplexity"] > 0
+    model = AutoModelForCausalLM.from_pretrained(finished_run / "model", trust_remote_code=True)
+    assert sum(p.numel() for p in model.parameters()) == summary["best_params"]
+    assert load(finished_run).user_attrs["recovery"] == recovery
 
 
 def test_trials_record_what_was_measured_and_predicted(finished_run):
@@ -123,3 +138,4 @@ def test_peer_samplers_search_the_same_space(tiny_model_dir, tmp_path, sampler):
     for t in load(out).get_trials(states=(TrialState.COMPLETE,)):
         arch = Architecture.from_json(t.user_attrs[ARCH_ATTR])
         assert 0.995 * load(out).user_attrs["identity"]["budget"] <= arch.params()
+

@@ -1,0 +1,153 @@
+"""`python -m search.export`: prune a finished run's best (or chosen) architecture, recover it, export it.
+
+Examples:
+    python -m search.export --run runs/mine --out pruned-model
+    python -m search.export --run runs/mine --trial 17 --out pruned-17 --recover-steps 400 --distill 0.5
+    python -m search.export --run runs/mine --out tuned --task qa.jsonl --task-template "Q: {question}\\nA:" --shots 5
+
+`python -m search.run` calls the same code at the end of a search (into <run>/model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import optuna
+
+from finetune.card import ModelCard
+from finetune.data import TaskFormat, encode_tasks, lm_domain, pad_id, read_task_jsonl, task_domain
+from finetune.distill import dense_reference
+from finetune.evaluate import EvalData, evaluate
+from finetune.export import export_model
+from finetune.recover import RecoveryConfig, recover
+from pruning import adapter
+from pruning.architecture import Architecture
+from pruning.data import read_text, token_windows
+from pruning.importance import Importance, load_or_compute
+from pruning.slicing import slice_model
+from search.config import RunConfig, RunLayout
+from search.sampler import trial_architecture
+from search.setup import USER_ERRORS, prepare
+
+TEACHER_TOP_K = 32
+
+
+def add_recovery_arguments(p: argparse.ArgumentParser, d: RunConfig) -> None:
+    g = p.add_argument_group("recovery (LoRA after slicing)")
+    if p.prog.endswith("search.run"):
+        g.add_argument("--no-export", dest="export", action="store_false",
+                       help="stop after the search: no slicing, recovery or export")
+    g.add_argument("--recover-steps", type=int, default=d.recover_steps,
+                   help="LoRA steps on the calibration text; 0 exports without tuning (default: %(default)s)")
+    g.add_argument("--recover-windows", type=int, default=d.recover_windows,
+                   help="calibration windows to tune on (default: %(default)s)")
+    g.add_argument("--lora-rank", type=int, default=d.lora_rank, help="(default: %(default)s)")
+    g.add_argument("--distill", type=float, default=d.distill,
+                   help="weight of KL distillation from the dense model, 0..1 (default: %(default)s)")
+    g.add_argument("--domain", dest="domains", action="append", default=list(d.domains), metavar="NAME=PATH",
+                   help="extra training text; several domains are mixed by dynamic batch loading (repeatable)")
+    g.add_argument("--task", default=d.task, help="JSONL of task examples to tune and score on (every 5th held out)")
+    g.add_argument("--task-template", default=d.task_template, help="str.format prompt over the JSONL fields")
+    g.add_argument("--shots", type=int, default=d.shots, help="few-shot examples before each task prompt")
+
+
+def _tasks(config: RunConfig, tokenizer):
+    """(training examples encoded, held-out examples encoded) or ((), ())."""
+    if not config.task:
+        return (), ()
+    examples = read_task_jsonl(config.task, TaskFormat(config.task_template))
+    train = tuple(e for i, e in enumerate(examples) if i % 5)
+    held = tuple(e for i, e in enumerate(examples) if not i % 5)
+    encode = dict(max_len=config.seq_len, shots=config.shots, seed=config.seed)
+    return encode_tasks(tokenizer, train, **encode), encode_tasks(tokenizer, held, pool=train, **encode)
+
+
+def recover_and_export(model, importance: Importance, arch: Architecture, config: RunConfig,
+                       final_windows, out: Path, command: str, force: bool) -> dict:
+    """Slice `model` (in place) to `arch`, LoRA-tune it, write the export; return the metrics record."""
+    tokenizer = adapter.load_tokenizer(config.model)
+    domains = [lm_domain(name, token_windows(tokenizer, read_text(path, "train"), config.seq_len,
+                                             config.recover_windows, f"{name} text"))
+               for name, path in config.domain_sources()]
+    train_tasks, held_tasks = _tasks(config, tokenizer)
+    if train_tasks:
+        domains.append(task_domain("task", train_tasks, pad_id(tokenizer)))
+    evaluation = EvalData(final_windows, held_tasks)
+    dense = evaluate(model, evaluation, config.batch_size)
+    reference = None
+    if config.distill > 0 or len(domains) > 1:
+        top_k = TEACHER_TOP_K if config.distill > 0 else 0
+        reference = dense_reference(model, domains, top_k=top_k, batch_size=config.batch_size)
+    slice_model(model, arch, importance)
+    record = {"dense": dense.to_dict()}
+    if config.recover_steps > 0:
+        settings = RecoveryConfig(steps=config.recover_steps, batch_size=config.batch_size, rank=config.lora_rank,
+                                  alpha=2.0 * config.lora_rank, distill_weight=config.distill, seed=config.seed)
+        model, result = recover(model, domains, settings, evaluation, reference)
+        record.update(pruned=result.before.to_dict(), recovered=result.after.to_dict(),
+                      recovery_seconds=round(result.seconds, 1), recovery=settings.to_dict())
+    else:
+        record["pruned"] = evaluate(model, evaluation, config.batch_size).to_dict()
+    card = ModelCard(budget=config.budget, command=command, metrics_before=record["pruned"],
+                     metrics_after=record.get("recovered", {}))
+    record["export"] = str(export_model(model, arch, tokenizer, out, card, force=force))
+    return record
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m search.export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="a run directory written by python -m search.run")
+    p.add_argument("--trial", type=int, help="export this trial's architecture instead of the best")
+    p.add_argument("--out", required=True, help="directory to create for the exported model")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    add_recovery_arguments(p, RunConfig())
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    layout = RunLayout(Path(args.run))
+    try:
+        if not layout.config.exists():
+            raise FileNotFoundError(f"{layout.config} not found; --run must be a directory made by search.run")
+        saved = json.loads(layout.config.read_text())
+        overrides = {k: getattr(args, k) for k in ("recover_steps", "recover_windows", "lora_rank", "distill",
+                                                   "domains", "task", "task_template", "shots")}
+        config = replace(RunConfig(**saved), out=str(layout.root), **overrides)
+        arch = _architecture(layout, config, args.trial)
+        out = Path(args.out)
+        if out.exists() and not args.force:
+            raise FileExistsError(f"{out} already exists; choose another --out or pass --force")
+        setup = prepare(config)
+        importance = load_or_compute(setup.model, setup.calibration, config.importance, layout.root)
+        record = recover_and_export(setup.model, importance, arch, config, setup.final_windows, out,
+                                    "python -m search.export " + shlex.join(argv), args.force)
+    except (*USER_ERRORS, FileNotFoundError, FileExistsError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(record, indent=2))
+    return 0
+
+
+def _architecture(layout: RunLayout, config: RunConfig, trial: int | None) -> Architecture:
+    if trial is None:
+        if not layout.best_architecture.exists():
+            raise FileNotFoundError(f"{layout.best_architecture} not found; finish the search or pass --trial")
+        return Architecture.from_json(layout.best_architecture.read_text())
+    study = optuna.load_study(study_name=layout.study_name(config), storage=layout.storage_url(config))
+    trials = [t for t in study.trials if t.number == trial]
+    arch = trial_architecture(trials[0]) if trials else None
+    if arch is None:
+        raise KeyError(f"trial {trial} has no measured architecture in {layout.root}; pick one from the dashboard")
+    return arch
+
+
+if __name__ == "__main__":
+    sys.exit(main())
