@@ -139,3 +139,19 @@ def test_peer_samplers_search_the_same_space(tiny_model_dir, tmp_path, sampler):
         arch = Architecture.from_json(t.user_attrs[ARCH_ATTR])
         assert 0.995 * load(out).user_attrs["identity"]["budget"] <= arch.params()
 
+
+
+def test_export_cli_on_a_finished_run(finished_run, tmp_path, capsys):
+    from search import export
+
+    out = tmp_path / "exported"
+    command = ["--run", str(finished_run), "--trial", "2", "--out", str(out), "--recover-steps", "0",
+               "--recover-windows", "4"]
+    assert export.main(command) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["export"] == str(out) and "recovered" not in record
+    trial_arch = Architecture.from_json(load(finished_run).trials[2].user_attrs[ARCH_ATTR])
+    assert f"{trial_arch.params():,}" in (out / "README.md").read_text()
+    assert export.main(command) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert export.main(["--run", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
