@@ -143,7 +143,7 @@ class SearchSpace:
     def _project(self, attn_frac: np.ndarray, ffn_frac: np.ndarray) -> Architecture:
         wanted = np.concatenate([attn_frac, ffn_frac])
         lo, hi = 0.0, 1.0 / max(wanted[wanted > 0].min(initial=1.0), 1e-6)  # at t = hi every kept unit is full
-        for _ in range(60):  # params(t) is nondecreasing in t: keep the largest t within budget
+        for _ in range(40):  # params(t) is nondecreasing in t: keep the largest t within budget
             mid = (lo + hi) / 2
             if self._params(*self._discretise(attn_frac, ffn_frac, mid)) <= self.budget:
                 lo = mid
