@@ -70,9 +70,14 @@ class Objective:
 
 
 def _holder(trial: optuna.Trial, arch_json: str) -> int | None:
-    """Number of an earlier running or completed trial that holds the same architecture."""
+    """Number of another running or completed trial that holds the same architecture.
+
+    Called after this trial wrote its own architecture, so of two workers racing on one
+    architecture the later check always sees the earlier write: at worst both give way,
+    never both measure.
+    """
     for other in trial.study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.COMPLETE)):
-        if other.number < trial.number and other.user_attrs.get(ARCH_ATTR) == arch_json:
+        if other.number != trial.number and other.user_attrs.get(ARCH_ATTR) == arch_json:
             return other.number
     return None
 

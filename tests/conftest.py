@@ -6,6 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
+# Tiny models run many times faster on one thread than on threads competing for shared CI cores.
+torch.set_num_threads(1)
+
 FAMILIES = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
 
 

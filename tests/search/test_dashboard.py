@@ -10,7 +10,6 @@ import numpy as np
 import optuna
 import optuna_dashboard
 import pytest
-import torch
 from optuna.trial import TrialState
 
 from pruning.architecture import Architecture
@@ -19,15 +18,6 @@ from search.sampler import ARCH_ATTR
 from tests.search.test_run import args
 
 TIMEOUT_S = 30
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """In-process runs use one thread: on shared cores, competing threads slow the tiny model many times over."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class QuietHandler(WSGIRequestHandler):

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import optuna
-import psycopg2
+import psycopg
 import pytest
 import sqlalchemy
-import torch
 from optuna.trial import TrialState
 
 from pruning.architecture import ModelSpec
@@ -28,20 +27,11 @@ from search.study import open_storage, retry_dead_workers
 from tests.search.test_run import args
 
 ROOT = Path(__file__).resolve().parents[2]
-# The explicit driver: SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3, and the postgres extra installs psycopg2.
-POSTGRES = os.environ.get("PRUNESEARCH_TEST_POSTGRES", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
+# A bare postgresql:// URL, as users write it (SQLAlchemy 2 maps it to psycopg 3, which the postgres extra installs).
+POSTGRES = os.environ.get("PRUNESEARCH_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 TRIALS = 7  # five startup trials, then guided ones slow enough that both workers overlap
 WORKER_TIMEOUT_S = 240
 HOST = socket.gethostname()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """In-process runs use one thread: on shared cores, competing threads slow the tiny model many times over."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -111,10 +101,9 @@ def check_shared_study(study, workers, storage):
 def postgres_url():
     """A fresh schema in the test database, so the workers create the tables together as on a first deployment."""
     try:
-        admin = psycopg2.connect(POSTGRES.replace("+psycopg2", ""), connect_timeout=5)
-    except psycopg2.OperationalError as err:
+        admin = psycopg.connect(POSTGRES, connect_timeout=5, autocommit=True)
+    except psycopg.OperationalError as err:
         pytest.fail(f"these tests need PostgreSQL at {POSTGRES} (or set PRUNESEARCH_TEST_POSTGRES): {err}")
-    admin.autocommit = True
     schema = f"prunesearch_{uuid.uuid4().hex[:12]}"
     with admin.cursor() as cursor:
         cursor.execute(f"CREATE SCHEMA {schema}")
