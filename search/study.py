@@ -18,7 +18,7 @@ from typing import Any
 import optuna
 import sqlalchemy.exc
 from optuna.exceptions import UpdateFinishedTrialError
-from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryFailedTrialCallback
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
@@ -54,7 +54,7 @@ def _rdb_storage(url: str) -> RDBStorage:
     options = dict(
         heartbeat_interval=HEARTBEAT_S,
         grace_period=4 * HEARTBEAT_S,
-        heartbeat_stale_trial_callback=RetryFailedTrialCallback(max_retry=2),
+        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
         engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
     )
     for _ in range(SCHEMA_ATTEMPTS - 1):
