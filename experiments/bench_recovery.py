@@ -11,7 +11,8 @@ half the decoder parameters (one attention sublayer dropped):
 - peak memory ÷ model size during those steps, for each: (weights + peak of the
   tensors created while training) ÷ weights, counted exactly by `PeakTensorMemory`
   on CPU (process RSS mixes in allocator caching and library buffers) and by
-  `max_memory_allocated` on CUDA;
+  `max_memory_allocated` on CUDA; without and with gradient checkpointing (the
+  default on CUDA);
 - inference forward time of the sliced model ÷ the dense model (median of
   interleaved runs).
 
@@ -107,9 +108,10 @@ class PeakTensorMemory(TorchDispatchMode):
         return out
 
 
-def lora_cost(model, windows: torch.Tensor, steps: int, track_memory: bool) -> tuple[float, int]:
+def lora_cost(model, windows: torch.Tensor, steps: int, track_memory: bool,
+              checkpointing: bool | None = None) -> tuple[float, int]:
     """(LoRA steps per second, peak bytes of the tensors training creates) on `model` (merged afterwards)."""
-    config = RecoveryConfig(steps=steps, batch_size=BATCH, warmup_ratio=0.0)
+    config = RecoveryConfig(steps=steps, batch_size=BATCH, warmup_ratio=0.0, gradient_checkpointing=checkpointing)
     domain = [lm_domain("calibration", windows)]
     if not track_memory:
         _, result = recover(model, domain, config, progress=False)
@@ -159,7 +161,8 @@ def compare(model_dir: Path, device: str, threads: int, work: Path, rounds: int 
     for _ in range(rounds):  # interleaved, so load from other processes hits both alike
         for k, m in models.items():
             speed[k].append(lora_cost(m, windows, LORA_STEPS, track_memory=False)[0])
-    peak = {k: lora_cost(m, windows, 2, track_memory=True)[1] for k, m in models.items()}
+    peak = {k: lora_cost(m, windows, 2, track_memory=True, checkpointing=False)[1] for k, m in models.items()}
+    peak_ckpt = {k: lora_cost(m, windows, 2, track_memory=True, checkpointing=True)[1] for k, m in models.items()}
     sps = {k: statistics.median(v) for k, v in speed.items()}
     return {
         "model": str(model_dir), "device": device, "threads": threads, "batch": [BATCH, SEQ_LEN],
@@ -167,8 +170,10 @@ def compare(model_dir: Path, device: str, threads: int, work: Path, rounds: int 
         "params": {**params, "ratio": params["pruned"] / params["dense"]},
         "lora_steps_per_s": {**sps, "ratio": sps["pruned"] / sps["dense"]},
         "peak_memory_over_weights": {k: (weights[k] + peak[k]) / weights[k] for k in models},
+        "peak_memory_over_weights_checkpointed": {k: (weights[k] + peak_ckpt[k]) / weights[k] for k in models},
         "weights_mib": {k: weights[k] / 2**20 for k in models},
         "training_peak_mib": {k: peak[k] / 2**20 for k in models},
+        "training_peak_checkpointed_mib": {k: peak_ckpt[k] / 2**20 for k in models},
         "one_fp32_logits_mib": BATCH * SEQ_LEN * dense.config.vocab_size * 4 / 2**20,  # the same for both models
         "forward_s": {"dense": t_dense, "pruned": t_pruned, "ratio": t_pruned / t_dense},
     }

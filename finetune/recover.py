@@ -12,7 +12,8 @@ the chunked LM head)
 with rows drawn from the training domains by dynamic batch loading (one domain:
 plain shuffled passes). At the end `merge_and_unload` folds B A into W, so the
 returned model is the same module tree as the input with the same parameter count.
-On CUDA: gradient checkpointing and bf16 autocast (weights keep their dtype).
+On CUDA: bf16 autocast (weights keep their dtype) and, unless the config says
+otherwise, gradient checkpointing (each decoder layer recomputed in backward).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class RecoveryConfig:
     distill_weight: float = 0.0  # λ; needs a DenseReference with teacher targets (top_k > 0)
     domain_eta: float = 1.0  # dynamic batch loading step size η (used with several domains)
     domain_update_every: int = 10
+    gradient_checkpointing: bool | None = None  # None: on CUDA only (recompute each layer in backward)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -69,6 +71,9 @@ class RecoveryConfig:
         if not 0 <= self.distill_weight <= 1:
             raise RecoveryConfigError(f"distill_weight (the KL share of the loss) must be in [0, 1], "
                                       f"got {self.distill_weight!r}")
+        if not (self.gradient_checkpointing is None or isinstance(self.gradient_checkpointing, bool)):
+            raise RecoveryConfigError(f"gradient_checkpointing must be True, False or None (on CUDA only), "
+                                      f"got {self.gradient_checkpointing!r}")
         if not self.domain_eta >= 0:
             raise RecoveryConfigError(f"domain_eta must be >= 0 (0 keeps the domain mix fixed), "
                                       f"got {self.domain_eta!r}")
@@ -157,7 +162,8 @@ class _Trainer:
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             self.peft = get_peft_model(model, lora)
         self.cuda = self.device.type == "cuda"
-        if self.cuda:
+        self.checkpointing = self.cuda if config.gradient_checkpointing is None else config.gradient_checkpointing
+        if self.checkpointing:
             self.peft.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.params = [p for p in self.peft.parameters() if p.requires_grad]
         self.trainable_params = sum(p.numel() for p in self.params)
@@ -230,7 +236,7 @@ class _Trainer:
         return self._restore(self.peft.unload())
 
     def _restore(self, model: PreTrainedModel) -> PreTrainedModel:
-        if self.cuda:
+        if self.checkpointing:
             model.gradient_checkpointing_disable()
         for n, p in model.named_parameters():
             p.requires_grad_(self.requires_grad[n])

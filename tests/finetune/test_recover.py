@@ -81,6 +81,19 @@ def test_recovery_is_deterministic_for_a_seed():
     assert runs[0] == runs[1]
 
 
+def test_gradient_checkpointing_changes_memory_not_results():
+    runs = []
+    for checkpointing in (False, True):
+        model, arch, importance = sliced("mistral")
+        slice_model(model, arch, importance)
+        config = RecoveryConfig(steps=3, gradient_checkpointing=checkpointing, **FAST)
+        out, result = recover(model, [lm_domain("text", pattern_windows())], config, progress=False)
+        runs.append((result.losses, [p.detach().clone() for p in out.parameters()]))
+        assert out.is_activation_checkpointing is False
+    assert runs[1][0] == pytest.approx(runs[0][0], abs=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(runs[0][1], runs[1][1], strict=True))
+
+
 def test_distillation_and_dynamic_batch_loading_over_text_and_task_domains():
     tok = char_tokenizer()
     fmt = TaskFormat(template="{q}=")
@@ -142,6 +155,7 @@ def test_inputs_are_checked_before_training():
     ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
     ({"distill_weight": 1.5}, r"distill_weight \(the KL share of the loss\) must be in \[0, 1\]"),
     ({"domain_eta": -1.0}, "domain_eta must be >= 0"),
+    ({"gradient_checkpointing": "yes"}, "gradient_checkpointing must be True, False or None"),
 ])
 def test_config_errors_say_what_to_change(settings, message):
     with pytest.raises(RecoveryConfigError, match=message):
