@@ -65,6 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--windows", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument(
+        "--uniform",
+        type=float,
+        nargs="*",
+        default=[0.8, 0.5],
+        help="also report uniform pruning's perplexity at these shares of parameters kept",
+    )
     args = p.parse_args(argv)
     torch.manual_seed(0)
 
@@ -109,14 +116,26 @@ def main(argv: list[str] | None = None) -> int:
     # a sliced copy holds at least the candidate's weights while it is evaluated
     rows["copy+slice extra memory ÷ model size (lower bound)"] = model_bytes(sliced) / size
 
-    print(f"model {args.model}: {spec.num_layers} layers, {Architecture.full(spec).params():,} params "
-          f"({size / 2**20:.1f} MiB); candidate {arch.params():,} params; "
-          f"{args.windows} windows x {args.seq_len} tokens; {torch.get_num_threads()} threads")
-    print(f"plain forward: {t_plain * 1000:.0f} ms; candidate perplexity {masked_eval():.3f} (masked) "
-          f"= {perplexity(sliced, evaluation, bs):.3f} (sliced)")
+    print(
+        f"model {args.model}: {spec.num_layers} layers, {Architecture.full(spec).params():,} params "
+        f"({size / 2**20:.1f} MiB); candidate {arch.params():,} params; "
+        f"{args.windows} windows x {args.seq_len} tokens; {torch.get_num_threads()} threads"
+    )
+    print(
+        f"plain forward: {t_plain * 1000:.0f} ms; candidate perplexity {masked_eval():.3f} (masked) "
+        f"= {perplexity(sliced, evaluation, bs):.3f} (sliced)"
+    )
     print("| measurement | ratio |\n|---|---|")
     for name, value in rows.items():
         print(f"| {name} | {value:.3f} |")
+    print(
+        f"\n| uniform pruning | params | perplexity |\n|---|---|---|\n| dense | {Architecture.full(spec).params():,} "
+        f"| {plain():.3f} |"
+    )
+    for share in args.uniform:
+        uniform = SearchSpace(spec, int(Architecture.full(spec).params() * share)).uniform()
+        with masked(model, uniform, importance):
+            print(f"| {1 - share:.0%} removed | {uniform.params():,} | {perplexity(model, evaluation, bs):.3f} |")
     return 0
 
 

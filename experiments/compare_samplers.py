@@ -25,6 +25,7 @@ from pruning.masking import masked
 from pruning.metrics import perplexity
 from search import run
 from search.config import RunConfig
+from search.setup import prepare
 
 
 def best_within(study: optuna.Study, n: int) -> float:
@@ -32,8 +33,8 @@ def best_within(study: optuna.Study, n: int) -> float:
     return min(values) if values else float("nan")
 
 
-def baseline_rows(budget: str, out: Path) -> list[dict]:
-    setup = run.prepare(RunConfig(budget=budget, out=str(out / "baselines")))
+def baseline_rows(budget: str, search_windows: int, out: Path) -> list[dict]:
+    setup = prepare(RunConfig(budget=budget, search_windows=search_windows, out=str(out / "baselines")))
     importance = load_or_compute(setup.model, setup.calibration, "wanda", out)
     rows = []
     for name, arch in (("uniform", setup.space.uniform()), ("importance threshold", setup.space.threshold(importance))):
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trials", type=int, nargs="+", default=[24, 48])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--samplers", nargs="+", default=["predictor", "tpe", "gp", "random"])
+    p.add_argument("--search-windows", type=int, default=16, help="evaluation windows each trial is measured on")
     p.add_argument("--out", default="runs/compare_samplers")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -56,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds:
             run_dir = out / f"{sampler}-seed{seed}"
             code = run.main(["--budget", args.budget, "--trials", str(max(args.trials)), "--sampler", sampler,
-                             "--seed", str(seed), "--out", str(run_dir)])
+                             "--seed", str(seed), "--search-windows", str(args.search_windows), "--no-export",
+                             "--out", str(run_dir)])
             if code != 0:
                 print(f"run {run_dir} failed with exit code {code}", file=sys.stderr)
                 return code
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     table = pd.DataFrame(records)
     summary = table.groupby(["method", "trials"])["value"].agg(["mean", "std", "min"]).unstack("trials")
     summary.columns = [f"{stat} @{n}" for stat, n in summary.columns]
-    baselines = pd.DataFrame(baseline_rows(args.budget, out)).set_index("method")
+    baselines = pd.DataFrame(baseline_rows(args.budget, args.search_windows, out)).set_index("method")
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "results.csv", index=False)
     text = (f"Best perplexity found (search windows), budget {args.budget}, seeds {args.seeds}\n\n"
