@@ -20,14 +20,21 @@ from pathlib import Path
 import optuna
 
 from finetune.card import ModelCard
-from finetune.data import TaskFormat, encode_tasks, lm_domain, pad_id, read_task_jsonl, task_domain
+from finetune.data import (
+    TaskFormat,
+    encode_tasks,
+    pad_id,
+    read_task_jsonl,
+    split_examples,
+    task_domain,
+    text_domain,
+)
 from finetune.distill import dense_reference
 from finetune.evaluate import EvalData, evaluate
 from finetune.export import export_model
 from finetune.recover import RecoveryConfig, recover
 from pruning import adapter
 from pruning.architecture import Architecture
-from pruning.data import read_text, token_windows
 from pruning.importance import Importance, load_or_compute
 from pruning.slicing import slice_model
 from search.config import RunConfig, RunLayout
@@ -51,7 +58,7 @@ def add_recovery_arguments(p: argparse.ArgumentParser, d: RunConfig) -> None:
                    help="weight of KL distillation from the dense model, 0..1 (default: %(default)s)")
     g.add_argument("--domain", dest="domains", action="append", default=list(d.domains), metavar="NAME=PATH",
                    help="extra training text; several domains are mixed by dynamic batch loading (repeatable)")
-    g.add_argument("--task", default=d.task, help="JSONL of task examples to tune and score on (every 5th held out)")
+    g.add_argument("--task", default=d.task, help="JSONL of task examples to tune and score on (20%% held out)")
     g.add_argument("--task-template", default=d.task_template, help="str.format prompt over the JSONL fields")
     g.add_argument("--shots", type=int, default=d.shots, help="few-shot examples before each task prompt")
 
@@ -61,8 +68,7 @@ def _tasks(config: RunConfig, tokenizer):
     if not config.task:
         return (), ()
     examples = read_task_jsonl(config.task, TaskFormat(config.task_template))
-    train = tuple(e for i, e in enumerate(examples) if i % 5)
-    held = tuple(e for i, e in enumerate(examples) if not i % 5)
+    train, held = split_examples(examples, held_out=0.2, seed=config.seed)
     encode = dict(max_len=config.seq_len, shots=config.shots, seed=config.seed)
     return encode_tasks(tokenizer, train, **encode), encode_tasks(tokenizer, held, pool=train, **encode)
 
@@ -71,8 +77,7 @@ def recover_and_export(model, importance: Importance, arch: Architecture, config
                        final_windows, out: Path, command: str, force: bool) -> dict:
     """Slice `model` (in place) to `arch`, LoRA-tune it, write the export; return the metrics record."""
     tokenizer = adapter.load_tokenizer(config.model)
-    domains = [lm_domain(name, token_windows(tokenizer, read_text(path, "train"), config.seq_len,
-                                             config.recover_windows, f"{name} text"))
+    domains = [text_domain(name, tokenizer, path, config.seq_len, config.recover_windows)
                for name, path in config.domain_sources()]
     train_tasks, held_tasks = _tasks(config, tokenizer)
     if train_tasks:

@@ -155,3 +155,21 @@ def test_export_cli_on_a_finished_run(finished_run, tmp_path, capsys):
     assert export.main(command) == 2
     assert "already exists" in capsys.readouterr().err
     assert export.main(["--run", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_export_cli_tunes_on_several_domains_and_a_task(finished_run, tiny_model_dir, tmp_path, capsys):
+    from search import export
+
+    rows = [{"q": f"what is {i} plus {i}", "options": [str(2 * i), str(2 * i + 1)], "answer": 0} for i in range(10)]
+    task = tmp_path / "task.jsonl"
+    task.write_text("\n".join(json.dumps(r) for r in rows))
+    command = ["--run", str(finished_run), "--out", str(tmp_path / "tuned"), "--recover-steps", "2",
+               "--recover-windows", "4", "--domain", f"extra={tiny_model_dir / 'evaluation.txt'}",
+               "--task", str(task), "--task-template", "Q: {q}\nA:", "--shots", "2", "--distill", "0.5"]
+    assert export.main(command) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert 0 <= record["recovered"]["task_accuracy"] <= 1
+    assert record["recovery"]["distill_weight"] == 0.5
+    bad = ["--run", str(finished_run), "--out", str(tmp_path / "bad"), "--domain", "no-equals-sign"]
+    assert export.main(bad) == 2
+    assert "--domain takes NAME=PATH" in capsys.readouterr().err
