@@ -55,7 +55,7 @@ def token_windows(
     """(N, seq_len) non-overlapping windows of the tokenised text; at most `max_windows`, evenly spread."""
     if seq_len < 2:
         raise DataError(f"seq_len must be at least 2, got {seq_len}")
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # long on purpose: no warning
     n = len(ids) // seq_len
     if n == 0:
         raise DataError(
