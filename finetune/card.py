@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from pruning.architecture import Architecture
+from pruning.architecture import Architecture, format_count
 
 
 class CardError(ValueError):
@@ -32,13 +32,6 @@ class ModelCard:
             object.__setattr__(self, name, metrics)
 
 
-def _count(n: int) -> str:
-    for unit, size in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
-        if n >= size:
-            return f"{n / size:.2f}{unit}"
-    return str(n)
-
-
 def _shape_table(arch: Architecture) -> list[str]:
     s = arch.spec
     rows = ["| layer | KV heads | query heads | heads / group | FFN channels | attention | MLP | params |",
@@ -48,7 +41,7 @@ def _shape_table(arch: Architecture) -> list[str]:
         rows.append(
             f"| {i} | {x.kv_heads}/{s.num_kv_heads} | {x.query_heads}/{s.num_heads} | {x.heads_per_group} "
             f"| {x.ffn_channels}/{s.intermediate_size} | {'dropped' if x.attention_dropped else 'kept'} "
-            f"| {'dropped' if x.mlp_dropped else 'kept'} | {_count(params)} |"
+            f"| {'dropped' if x.mlp_dropped else 'kept'} | {format_count(params)} |"
         )
     return rows
 
@@ -83,9 +76,9 @@ def render(arch: Architecture, card: ModelCard, remote_code: bool) -> str:
         "",
         f"# {s.base_model}, structurally pruned to {card.budget}",
         "",
-        f"- Base model: `{s.base_model}` ({s.family}, {_count(dense)} parameters)",
+        f"- Base model: `{s.base_model}` ({s.family}, {format_count(dense)} parameters)",
         f"- Budget: {card.budget}",
-        f"- Parameters: {params:,} ({_count(params)}, {params / dense:.1%} of the base model)",
+        f"- Parameters: {params:,} ({format_count(params)}, {params / dense:.1%} of the base model)",
         f"- Made by: `{card.command}`",
         "",
         "## Loading",

@@ -173,3 +173,11 @@ class Architecture:
     @classmethod
     def from_json(cls, text: str) -> Architecture:
         return cls.from_dict(json.loads(text))
+
+
+def format_count(n: float) -> str:
+    """A parameter count as people write it: 6.74B, 350M, 12.3K."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(int(n))

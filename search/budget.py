@@ -39,10 +39,3 @@ def parse_budget(text: str, model_params: int) -> int:
     if budget <= 0:
         raise BudgetError(f"budget {text} is not positive; give e.g. 70% or 5B")
     return budget
-
-
-def format_params(n: float) -> str:
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g}{unit}"
-    return str(int(n))

@@ -13,8 +13,7 @@ import plotly.graph_objects as go
 from optuna.trial import TrialState
 from scipy.stats import kendalltau
 
-from pruning.architecture import Architecture
-from search.budget import format_params
+from pruning.architecture import Architecture, format_count
 from search.sampler import trial_architecture
 
 
@@ -48,7 +47,7 @@ class RunSummary:
 
     def to_markdown(self) -> str:
         def ratio(p: int) -> str:
-            return f"{format_params(p)} ({p / self.base_params:.1%})"
+            return f"{format_count(p)} ({p / self.base_params:.1%})"
 
         rows = [
             ("base model", ratio(self.base_params), self.base_perplexity),
@@ -63,7 +62,7 @@ class RunSummary:
             recovery = "\n**Recovery**: " + ", ".join(f"{k} {v}" for k, v in self.recovery.items()) + "\n"
         return (
             f"## Pruning search: {self.model}\n\n"
-            f"Budget {format_params(self.budget_params)} parameters; {self.trials_complete} candidates measured "
+            f"Budget {format_count(self.budget_params)} parameters; {self.trials_complete} candidates measured "
             f"({self.trials_failed} failed) in {self.wall_time_s / 60:.1f} min.\n\n"
             f"| model | parameters | perplexity |\n|---|---|---|\n{table}\n\n"
             f"Predictor Kendall τ on its own predictions: {tau} ({self.predictor_pairs} pairs).\n"
@@ -136,7 +135,7 @@ def _architecture_figure(arch: Architecture) -> go.Figure:
         [go.Bar(x=layers, y=attn, name="attention heads kept"), go.Bar(x=layers, y=ffn, name="FFN channels kept")]
     )
     fig.update_layout(
-        title=f"Best architecture: kept share per layer ({format_params(arch.params())} params)",
+        title=f"Best architecture: kept share per layer ({format_count(arch.params())} params)",
         xaxis_title="layer",
         yaxis_title="kept share",
         barmode="group",

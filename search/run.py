@@ -26,11 +26,10 @@ from tqdm.auto import tqdm
 
 from predictor.features import FeatureBuilder
 from predictor.model import AccuracyPredictor
-from pruning.architecture import Architecture
+from pruning.architecture import Architecture, format_count
 from pruning.importance import Importance, load_or_compute
 from pruning.masking import masked
 from pruning.metrics import perplexity
-from search.budget import format_params
 from search.config import SAMPLERS, RunConfig, RunLayout
 from search.export import add_recovery_arguments, recover_and_export
 from search.objective import Objective
@@ -278,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     retry_dead_workers(study)
     watch = layout.storage_url(config).removeprefix("journal:")
     print(
-        f"run directory: {layout.root}\nbudget: {format_params(setup.space.budget)} parameters\n"
+        f"run directory: {layout.root}\nbudget: {format_count(setup.space.budget)} parameters\n"
         f"watch: optuna-dashboard {watch}",
         file=sys.stderr,
     )

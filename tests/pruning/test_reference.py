@@ -1,6 +1,7 @@
 """The shipped reference model: loads offline, is the advertised shape, ships inside the wheel."""
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -39,8 +40,10 @@ def test_reference_model_is_trained():
 
 def test_wheel_ships_the_model_and_texts(tmp_path):
     root = reference.MODEL_DIR.parents[1]
+    source = tmp_path / "source"  # a copy, so the build leaves nothing in the work tree
+    shutil.copytree(root, source, ignore=shutil.ignore_patterns(".git", "runs", "build", "*.egg-info", "__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path), str(root)], check=True, env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+                    str(tmp_path), str(source)], check=True, env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
     (wheel,) = tmp_path.glob("prunesearch-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for path in ("pruning/reference_model/model.safetensors", "pruning/reference_model/tokenizer.json",
