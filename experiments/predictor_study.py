@@ -56,7 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--evaluation", default=str(reference.EVALUATION_TEXT))
     p.add_argument("--budget", type=float, default=0.6, help="share of the model's parameters to keep")
     p.add_argument("--pool", type=int, default=96, help="candidates to measure")
-    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--seeds", type=int, default=5, help="train/held-out splits per n")
+    p.add_argument("--pool-seed", type=int, default=0, help="seed of the random and mutated candidates")
     p.add_argument("--n-train", type=int, nargs="+", default=[10, 20, 40])
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--seq-len", type=int, default=256)
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     importance = importances["wanda"]
     full = Architecture.full(importance.spec)
     space = SearchSpace(importance.spec, budget=int(args.budget * full.params()))
-    pool = candidate_pool(space, importances, args.pool)
+    pool = candidate_pool(space, importances, args.pool, args.pool_seed)
 
     key = hashlib.sha256(cache_key(model, calibration, "wanda").encode())  # which units; then the eval tokens
     key.update(evaluation.numpy().tobytes())
