@@ -35,7 +35,7 @@ from pruning.slicing import slice_model
 from search.space import SearchSpace
 
 
-def timed(fn, repeats: int = 3) -> float:
+def timed(fn, repeats: int = 5) -> float:
     fn()  # warm-up
     times = []
     for _ in range(repeats):
