@@ -32,8 +32,8 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from finetune import card as model_card
-from finetune import modeling_pruned
 from finetune.card import ModelCard
+from pruning import modeling_pruned
 from pruning.architecture import Architecture
 
 PRUNED_CLASSES = {

@@ -14,8 +14,9 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from pruning.architecture import ModelSpec
+from pruning.modeling_pruned import DroppedAttention, DroppedMLP  # shared with exported models' remote code
 
-# model_type -> (class name users know, whether q/k/v carry biases by design)
+# model_type -> the class name users know
 SUPPORTED = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
@@ -139,32 +140,6 @@ def replace_mlp(layer: nn.Module, gate: nn.Linear, up: nn.Linear, down: nn.Linea
     mlp = layer.mlp
     mlp.gate_proj, mlp.up_proj, mlp.down_proj = gate, up, down
     mlp.intermediate_size = gate.out_features
-
-
-class DroppedAttention(nn.Module):
-    """Stands in for a removed attention sublayer: adds nothing to the residual stream.
-
-    It still appends zero-head (B, 0, T, head_dim) keys/values to the KV cache so the
-    cache keeps counting positions when this is the layer the cache asks for its length.
-    """
-
-    def __init__(self, layer_idx: int, head_dim: int):
-        super().__init__()
-        self.layer_idx, self.head_dim = layer_idx, head_dim
-
-    def forward(self, hidden_states: torch.Tensor, past_key_values=None, **kwargs):
-        if past_key_values is not None:
-            b, t, _ = hidden_states.shape
-            empty = hidden_states.new_zeros(b, 0, t, self.head_dim)
-            past_key_values.update(empty, empty, self.layer_idx)
-        return torch.zeros_like(hidden_states), None
-
-
-class DroppedMLP(nn.Module):
-    """Stands in for a removed MLP sublayer."""
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(hidden_states)
 
 
 def drop_attention(layer: nn.Module, layer_idx: int, head_dim: int) -> None:

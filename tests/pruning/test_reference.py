@@ -48,5 +48,5 @@ def test_wheel_ships_the_model_and_texts(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for path in ("pruning/reference_model/model.safetensors", "pruning/reference_model/tokenizer.json",
                  "pruning/reference_model/config.json", "pruning/reference_data/calibration.txt",
-                 "pruning/reference_data/evaluation.txt", "finetune/modeling_pruned.py"):
+                 "pruning/reference_data/evaluation.txt", "pruning/modeling_pruned.py"):
         assert path in names, path
