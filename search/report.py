@@ -59,7 +59,14 @@ class RunSummary:
         tau = "n/a" if self.predictor_kendall_tau is None else f"{self.predictor_kendall_tau:.2f}"
         recovery = ""
         if self.recovery:
-            recovery = "\n**Recovery**: " + ", ".join(f"{k} {v}" for k, v in self.recovery.items()) + "\n"
+            r = self.recovery
+            tuned = r.get("recovered", r["pruned"])["perplexity"]
+            steps = r["recovery"]["steps"] if "recovery" in r else 0
+            recovery = (
+                f"\n**Exported model**: `{r['export']}` — perplexity {tuned:.3f} after {steps} LoRA steps "
+                f"(sliced {r['pruned']['perplexity']:.3f}, dense {r['dense']['perplexity']:.3f}; "
+                f"dense ÷ exported perplexity {r['dense']['perplexity'] / tuned:.1%}).\n"
+            )
         return (
             f"## Pruning search: {self.model}\n\n"
             f"Budget {format_count(self.budget_params)} parameters; {self.trials_complete} candidates measured "

@@ -163,7 +163,7 @@ def search(study: optuna.Study, setup: Setup, importance: Importance) -> None:
 
     def progress(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         bar.update(1)
-        archs, values = measured(study)
+        _, values = measured(study)
         if len(values):
             bar.set_postfix(best=f"{values.min():.3f}", last=f"{trial.value:.3f}" if trial.value else trial.state.name)
 
@@ -220,7 +220,7 @@ def write_summary(study: optuna.Study, layout: RunLayout, summary: RunSummary) -
 
 
 def export_best(study: optuna.Study, setup: Setup, importance: Importance, summary: RunSummary,
-                argv: list[str]) -> RunSummary:
+                argv: list[str], started: float) -> RunSummary:
     """Slice the best architecture, recover it and export it into <run>/model; record the metrics."""
     layout = setup.layout
     arch = Architecture.from_json(layout.best_architecture.read_text())
@@ -228,7 +228,7 @@ def export_best(study: optuna.Study, setup: Setup, importance: Importance, summa
     record = recover_and_export(setup.model, importance, arch, setup.config, setup.final_windows, layout.model,
                                 command, force=True)
     study.set_user_attr("recovery", record)
-    summary = replace(summary, recovery=record)
+    summary = replace(summary, recovery=record, wall_time_s=round(time.time() - started, 1))
     write_summary(study, layout, summary)
     return summary
 
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     summary = finish(study, setup, importance, started)
     if config.export:
-        summary = export_best(study, setup, importance, summary, argv)
+        summary = export_best(study, setup, importance, summary, argv, started)
     print(summary.to_markdown())
     return 0
 
