@@ -115,11 +115,12 @@ class PredictorSampler(BaseSampler):
         return pool[best], {"predicted": float(mean[best]), "predicted_spread": float(spread[best])}
 
     def _pool(self, archs: Sequence[Architecture], values: np.ndarray, rng: np.random.Generator) -> list[Architecture]:
-        """Half mutations of the top quarter, a quarter crossovers among it, a quarter fresh random."""
+        """40% mutations of the top quarter, 20% crossovers among it, 40% fresh random candidates
+        (so the predictor can send the search to regions no measured trial is near)."""
         elite = [archs[i] for i in np.argsort(values)[: max(2, len(archs) // 4)]]
         n = self.pool_size
-        pool = [self.space.mutate(elite[rng.integers(len(elite))], rng) for _ in range(n // 2)]
-        for _ in range(n // 4):
+        pool = [self.space.mutate(elite[rng.integers(len(elite))], rng) for _ in range(2 * n // 5)]
+        for _ in range(n // 5):
             i, j = rng.choice(len(elite), size=2, replace=False)
             pool.append(self.space.crossover(elite[i], elite[j], rng))
         pool += [self.space.random(rng) for _ in range(n - len(pool))]

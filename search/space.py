@@ -172,6 +172,23 @@ class SearchSpace:
                     cost = int(self.level_cost[levels[i] + 1] - self.level_cost[levels[i]])
                     if cost <= gap:
                         levels[i], gap, grew = levels[i] + 1, gap - cost, True
+        if self._params(levels, ffn) < self.lower_bound():
+            self._trade(levels, ffn, order)
+
+    def _trade(self, levels: np.ndarray, ffn: np.ndarray, order: np.ndarray) -> None:
+        """When attention steps are coarser than the gap: raise one layer's attention a level and pay
+        for it with FFN channels of the layer that wanted the least, if that lands in the tolerance."""
+        for i in order:
+            if not 0 < levels[i] < len(self.levels) - 1:
+                continue
+            for j in order[::-1]:
+                trial_levels, trial_ffn = levels.copy(), ffn.copy()
+                trial_levels[i] += 1
+                while trial_ffn[j] > self.ffn_step and self._params(trial_levels, trial_ffn) > self.budget:
+                    trial_ffn[j] = max(self.ffn_step, (trial_ffn[j] - 1) // self.ffn_step * self.ffn_step)
+                if self.lower_bound() <= self._params(trial_levels, trial_ffn) <= self.budget:
+                    levels[:], ffn[:] = trial_levels, trial_ffn
+                    return
 
     def _architecture(self, levels: np.ndarray, ffn: np.ndarray) -> Architecture:
         layers = tuple(LayerShape(*self.levels[lv], int(f)) for lv, f in zip(levels, ffn, strict=True))
@@ -197,21 +214,39 @@ class SearchSpace:
                 hi = tau
         return self.project(_kept_share(z_heads, hi), _kept_share(z_channels, hi))
 
-    def random(self, rng: np.random.Generator, drop_prob: float = 0.1) -> Architecture:
-        """Independent per-layer shares; each sublayer dropped with `drop_prob` when dropping is allowed."""
+    def random(self, rng: np.random.Generator, drop_prob: float = 0.05) -> Architecture:
+        """A random split of the cut between attention and FFN, then per-layer noise around it.
+
+        The split (how much of the budget attention keeps versus the FFNs) is the largest single
+        degree of freedom of structured pruning, so every candidate draws its own, from "full
+        attention, thin FFNs" to the reverse; the noise then varies the allocation over depth.
+        Each sublayer is dropped with `drop_prob` when dropping is allowed.
+        """
         n = self.spec.num_layers
-        attn, ffn = rng.uniform(0.1, 1.0, n), rng.uniform(0.1, 1.0, n)
+        split = rng.uniform(0, 1)
+        attn = np.clip(split + rng.normal(0, 0.25, n), 0.05, 1)
+        ffn = np.clip(1 - split + rng.normal(0, 0.25, n), 0.05, 1)
         if self.allow_drop:
             attn[rng.random(n) < drop_prob] = 0
             ffn[rng.random(n) < drop_prob] = 0
         return self.project(attn, ffn)
 
     def mutate(self, arch: Architecture, rng: np.random.Generator, max_layers: int = 3) -> Architecture:
-        """Move a few layers' shares up or down and re-project (the budget then rebalances the rest)."""
+        """One move, then re-projection (the budget rebalances the rest): shift the attention/FFN
+        split of every layer, nudge a few layers' shares, or drop or restore one sublayer."""
         attn, ffn = self.fractions(arch)
-        for i in rng.choice(len(attn), size=rng.integers(1, max_layers + 1), replace=False):
+        move = rng.random()
+        if move < 0.3:
+            shift = rng.normal(0, 0.2)
+            attn, ffn = np.clip(attn + shift, 0.05, 1), np.clip(ffn - shift, 0.05, 1)
+        elif move < 0.9 or not self.allow_drop:
+            for i in rng.choice(len(attn), size=rng.integers(1, max_layers + 1), replace=False):
+                target = attn if rng.random() < 0.5 else ffn
+                target[i] = np.clip(target[i] + rng.normal(0, 0.25), 0.05, 1)
+        else:
             target = attn if rng.random() < 0.5 else ffn
-            target[i] = np.clip(target[i] + rng.normal(0, 0.25), 0.05, 1)
+            i = rng.integers(len(target))
+            target[i] = 0.05 if target[i] == 0 else 0.0
         return self.project(attn, ffn)
 
     def crossover(self, a: Architecture, b: Architecture, rng: np.random.Generator) -> Architecture:
