@@ -1,11 +1,15 @@
 """The predictor-guided sampler: measure a few candidates, learn, propose the most promising next.
 
 Each `ask` (Optuna's relative sampling) does:
-    startup (fewer than `n_startup` finished trials): uniform, importance-threshold, then random allocations
+    startup (fewer than `n_startup` finished trials): uniform, importance-threshold, then random
+            allocations whose attention/FFN splits are stratified over [0, 1], so the startup pairs
+            span the main trade-off whatever the seed
     guided: fit the accuracy predictor on the finished trials -> generate a pool of candidates
             (mutations of the best, crossovers of good pairs, fresh random ones) -> score each by the
             lower confidence bound  mean - exploration * spread  (the metric is minimised) -> propose
-            the best one that no finished or running trial already holds.
+            the best one that no finished or running trial already holds. Every `explore_every`-th
+            guided trial chooses among the fresh random candidates only: the ensemble's spread is
+            small far from the data, so without these trials the search can settle on a local optimum.
 The prediction made for the proposed candidate is written to the trial before it is measured, so
 prediction quality over the run can be judged afterwards.
 """
@@ -57,15 +61,15 @@ class PredictorSampler(BaseSampler):
         pool_size: int = 1000,
         exploration: float = 1.0,
         n_members: int = 8,
+        explore_every: int = 4,
         seed: int = 0,
     ):
         if n_startup < 5:
             raise ValueError(f"n_startup must be at least 5 so the predictor has pairs to learn from, got {n_startup}")
         self.space, self.importance = space, importance
         self.n_startup, self.pool_size, self.exploration = n_startup, pool_size, exploration
-        self.n_members, self.seed = n_members, seed
+        self.n_members, self.explore_every, self.seed = n_members, explore_every, seed
         self.features = FeatureBuilder(importance)
-        self.predictor: AccuracyPredictor | None = None
         self._fallback = RandomSampler(seed=seed)
 
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
@@ -82,8 +86,9 @@ class PredictorSampler(BaseSampler):
         if len(archs) < self.n_startup:
             arch, phase, note = self._startup(len(archs), taken, rng), "startup", {}
         else:
-            arch, note = self._guided(archs, values, taken, rng)
-            phase = "guided"
+            explore = (len(archs) - self.n_startup) % self.explore_every == self.explore_every - 1
+            arch, note = self._guided(archs, values, taken, rng, explore)
+            phase = "explore" if explore else "guided"
         storage = study._storage
         storage.set_trial_system_attr(trial._trial_id, "phase", phase)
         for key, value in note.items():
@@ -99,18 +104,22 @@ class PredictorSampler(BaseSampler):
         for arch in fixed[n_measured:]:
             if self._key(arch) not in taken:
                 return arch
-        return self._fresh([self.space.random(rng) for _ in range(20)], taken)
+        # the k-th random startup draws its split from the k-th of n equal strata, in a seeded order
+        n = max(self.n_startup - len(fixed), 1)
+        stratum = np.random.default_rng(self.seed).permutation(n)[(n_measured - len(fixed)) % n]
+        return self._fresh([self.space.random(rng, split=(stratum + rng.uniform()) / n) for _ in range(20)], taken)
 
     def _guided(
-        self, archs: list[Architecture], values: np.ndarray, taken: set, rng: np.random.Generator
+        self, archs: list[Architecture], values: np.ndarray, taken: set, rng: np.random.Generator, explore: bool
     ) -> tuple[Architecture, dict]:
-        self.predictor = AccuracyPredictor(n_members=self.n_members, seed=self.seed).fit(
-            self.features.table(archs), values
+        predictor = AccuracyPredictor(n_members=self.n_members, seed=self.seed).fit(self.features.table(archs), values)
+        candidates = (
+            [self.space.random(rng) for _ in range(self.pool_size // 2)] if explore else self._pool(archs, values, rng)
         )
-        pool = [a for a in self._pool(archs, values, rng) if self._key(a) not in taken]
+        pool = [a for a in candidates if self._key(a) not in taken]
         if not pool:
             return self._fresh([self.space.random(rng) for _ in range(50)], taken), {}
-        mean, spread = self.predictor.predict(self.features.table(pool))
+        mean, spread = predictor.predict(self.features.table(pool))
         best = int(np.argmin(mean - self.exploration * spread))
         return pool[best], {"predicted": float(mean[best]), "predicted_spread": float(spread[best])}
 

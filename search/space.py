@@ -214,16 +214,17 @@ class SearchSpace:
                 hi = tau
         return self.project(_kept_share(z_heads, hi), _kept_share(z_channels, hi))
 
-    def random(self, rng: np.random.Generator, drop_prob: float = 0.05) -> Architecture:
+    def random(self, rng: np.random.Generator, drop_prob: float = 0.05, split: float | None = None) -> Architecture:
         """A random split of the cut between attention and FFN, then per-layer noise around it.
 
         The split (how much of the budget attention keeps versus the FFNs) is the largest single
         degree of freedom of structured pruning, so every candidate draws its own, from "full
         attention, thin FFNs" to the reverse; the noise then varies the allocation over depth.
-        Each sublayer is dropped with `drop_prob` when dropping is allowed.
+        Each sublayer is dropped with `drop_prob` when dropping is allowed; `split` in [0, 1]
+        fixes the split instead of drawing it (1: attention keeps everything it can).
         """
         n = self.spec.num_layers
-        split = rng.uniform(0, 1)
+        split = rng.uniform(0, 1) if split is None else split
         attn = np.clip(split + rng.normal(0, 0.25, n), 0.05, 1)
         ffn = np.clip(1 - split + rng.normal(0, 0.25, n), 0.05, 1)
         if self.allow_drop:
