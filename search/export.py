@@ -33,13 +33,12 @@ from finetune.distill import dense_reference
 from finetune.evaluate import EvalData, evaluate
 from finetune.export import export_model
 from finetune.recover import RecoveryConfig, recover
-from pruning import adapter
 from pruning.architecture import Architecture
 from pruning.importance import Importance, load_or_compute
 from pruning.slicing import slice_model
 from search.config import RunConfig, RunLayout
 from search.sampler import trial_architecture
-from search.setup import USER_ERRORS, prepare
+from search.setup import USER_ERRORS, Setup, prepare
 
 TEACHER_TOP_K = 32
 
@@ -73,10 +72,10 @@ def _tasks(config: RunConfig, tokenizer):
     return encode_tasks(tokenizer, train, **encode), encode_tasks(tokenizer, held, pool=train, **encode)
 
 
-def recover_and_export(model, importance: Importance, arch: Architecture, config: RunConfig,
-                       final_windows, out: Path, command: str, force: bool) -> dict:
-    """Slice `model` (in place) to `arch`, LoRA-tune it, write the export; return the metrics record."""
-    tokenizer = adapter.load_tokenizer(config.model)
+def recover_and_export(setup: Setup, importance: Importance, arch: Architecture, out: Path, command: str,
+                       force: bool) -> dict:
+    """Slice the run's model (in place) to `arch`, LoRA-tune it, write the export; return the metrics record."""
+    model, tokenizer, config, final_windows = setup.model, setup.tokenizer, setup.config, setup.final_windows
     domains = [text_domain(name, tokenizer, path, config.seq_len, config.recover_windows)
                for name, path in config.domain_sources()]
     train_tasks, held_tasks = _tasks(config, tokenizer)
@@ -132,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
             raise FileExistsError(f"{out} already exists; choose another --out or pass --force")
         setup = prepare(config)
         importance = load_or_compute(setup.model, setup.calibration, config.importance, layout.root)
-        record = recover_and_export(setup.model, importance, arch, config, setup.final_windows, out,
-                                    "python -m search.export " + shlex.join(argv), args.force)
+        record = recover_and_export(setup, importance, arch, out, "python -m search.export " + shlex.join(argv),
+                                    args.force)
     except (*USER_ERRORS, FileNotFoundError, FileExistsError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

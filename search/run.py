@@ -225,8 +225,7 @@ def export_best(study: optuna.Study, setup: Setup, importance: Importance, summa
     layout = setup.layout
     arch = Architecture.from_json(layout.best_architecture.read_text())
     command = "python -m search.run " + shlex.join(argv)
-    record = recover_and_export(setup.model, importance, arch, setup.config, setup.final_windows, layout.model,
-                                command, force=True)
+    record = recover_and_export(setup, importance, arch, layout.model, command, force=True)
     study.set_user_attr("recovery", record)
     summary = replace(summary, recovery=record, wall_time_s=round(time.time() - started, 1))
     write_summary(study, layout, summary)

@@ -39,6 +39,7 @@ class Setup:
     layout: RunLayout
     space: SearchSpace
     model: torch.nn.Module
+    tokenizer: object
     calibration: torch.Tensor  # (N, T)
     search_windows: torch.Tensor  # (M, T)
     final_windows: torch.Tensor  # (K, T)
@@ -65,6 +66,6 @@ def prepare(config: RunConfig) -> Setup:
     device = default_device() if config.device == "auto" else torch.device(config.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = adapter.load_model(config.model, device, dtype)
-    return Setup(config, RunLayout(config.run_dir()), space, model, calibration, search, final)
+    return Setup(config, RunLayout(config.run_dir()), space, model, tokenizer, calibration, search, final)
 
 
