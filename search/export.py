@@ -43,11 +43,8 @@ from search.setup import USER_ERRORS, Setup, prepare
 TEACHER_TOP_K = 32
 
 
-def add_recovery_arguments(p: argparse.ArgumentParser, d: RunConfig) -> None:
+def add_recovery_arguments(p: argparse.ArgumentParser, d: RunConfig) -> argparse._ArgumentGroup:
     g = p.add_argument_group("recovery (LoRA after slicing)")
-    if p.prog.endswith("search.run"):
-        g.add_argument("--no-export", dest="export", action="store_false",
-                       help="stop after the search: no slicing, recovery or export")
     g.add_argument("--recover-steps", type=int, default=d.recover_steps,
                    help="LoRA steps on the calibration text; 0 exports without tuning (default: %(default)s)")
     g.add_argument("--recover-windows", type=int, default=d.recover_windows,
@@ -60,6 +57,7 @@ def add_recovery_arguments(p: argparse.ArgumentParser, d: RunConfig) -> None:
     g.add_argument("--task", default=d.task, help="JSONL of task examples to tune and score on (20%% held out)")
     g.add_argument("--task-template", default=d.task_template, help="str.format prompt over the JSONL fields")
     g.add_argument("--shots", type=int, default=d.shots, help="few-shot examples before each task prompt")
+    return g
 
 
 def _tasks(config: RunConfig, tokenizer):
@@ -84,7 +82,7 @@ def recover_and_export(setup: Setup, importance: Importance, arch: Architecture,
     evaluation = EvalData(final_windows, held_tasks)
     dense = evaluate(model, evaluation, config.batch_size)
     reference = None
-    if config.distill > 0 or len(domains) > 1:
+    if config.recover_steps > 0 and (config.distill > 0 or len(domains) > 1):  # only tuning reads it
         top_k = TEACHER_TOP_K if config.distill > 0 else 0
         reference = dense_reference(model, domains, top_k=top_k, batch_size=config.batch_size)
     slice_model(model, arch, importance)

@@ -103,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=d.device, help="auto, cpu or cuda[:N] (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="(default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
-    add_recovery_arguments(p, d)
+    recovery = add_recovery_arguments(p, d)
+    recovery.add_argument("--no-export", dest="export", action="store_false",
+                          help="stop after the search: no slicing, recovery or export")
     return p
 
 
