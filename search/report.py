@@ -10,11 +10,10 @@ import numpy as np
 import optuna
 import optuna_dashboard
 import plotly.graph_objects as go
-from optuna.trial import TrialState
 from scipy.stats import kendalltau
 
 from pruning.architecture import Architecture, format_count
-from search.sampler import trial_architecture
+from search.sampler import completed, trial_architecture
 
 
 @dataclass(frozen=True)
@@ -79,11 +78,7 @@ class RunSummary:
 
 def predictions(study: optuna.Study) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """(predicted, measured, trial numbers) of completed trials the predictor proposed."""
-    rows = [
-        (t.system_attrs["predicted"], t.value, t.number)
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if "predicted" in t.system_attrs and t.value is not None and np.isfinite(t.value)
-    ]
+    rows = [(t.system_attrs["predicted"], t.value, t.number) for t in completed(study) if "predicted" in t.system_attrs]
     if not rows:
         return np.array([]), np.array([]), []
     predicted, measured_values, numbers = zip(*rows, strict=True)
@@ -98,7 +93,7 @@ def own_kendall(study: optuna.Study) -> tuple[float | None, int]:
 
 
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if np.isfinite(t.value)]
+    done = completed(study)
     if not done:
         raise RuntimeError("no trial completed; see the failed trials' 'error' attribute in the study")
     return min(done, key=lambda t: t.value)
@@ -152,7 +147,7 @@ def _architecture_figure(arch: Architecture) -> go.Figure:
 
 
 def _best_so_far(study: optuna.Study) -> go.Figure:
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if np.isfinite(t.value)]
+    done = completed(study)
     numbers = [t.number for t in done]
     values = np.array([t.value for t in done])
     fig = go.Figure(

@@ -41,15 +41,17 @@ def trial_architecture(trial: FrozenTrial) -> Architecture | None:
     return Architecture.from_json(text) if text else None
 
 
+def completed(study: optuna.Study) -> list[FrozenTrial]:
+    """Completed trials with a finite value, in trial order."""
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return [t for t in done if t.value is not None and np.isfinite(t.value)]
+
+
 def measured(study: optuna.Study) -> tuple[list[Architecture], np.ndarray]:
     """Architectures and values of the completed trials (finite values only)."""
-    archs, values = [], []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        arch = trial_architecture(t)
-        if arch is not None and t.value is not None and np.isfinite(t.value):
-            archs.append(arch)
-            values.append(t.value)
-    return archs, np.array(values, dtype=float)
+    pairs = [(trial_architecture(t), t.value) for t in completed(study)]
+    pairs = [(a, v) for a, v in pairs if a is not None]
+    return [a for a, _ in pairs], np.array([v for _, v in pairs], dtype=float)
 
 
 class PredictorSampler(BaseSampler):
