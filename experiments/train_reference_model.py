@@ -217,16 +217,23 @@ def eval_windows(tokenizer, text: str) -> torch.Tensor:
 # -------------------------------------------------------------------------- model
 
 
-def build_model(tokenizer):
+# The shipped model is "gqa"; "deep-mha" is a second, differently shaped model
+# (more, narrower layers and plain multi-head attention) that the comparison
+# experiments use so that a result is not a property of one model.
+SHAPES = {
+    "gqa": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=8,
+                num_attention_heads=8, num_key_value_heads=2),
+    "deep-mha": dict(hidden_size=192, intermediate_size=512, num_hidden_layers=12,
+                     num_attention_heads=6, num_key_value_heads=6),
+}
+
+
+def build_model(tokenizer, shape: str = "gqa"):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=VOCAB_SIZE,
-        hidden_size=256,
-        intermediate_size=768,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=2,
+        **SHAPES[shape],
         head_dim=32,
         max_position_embeddings=512,
         rms_norm_eps=1e-5,
@@ -320,6 +327,8 @@ def parse_args(argv):
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--data-dir", type=Path, default=DATA_DIR)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="gqa",
+                        help="model shape: gqa is the shipped reference model")
     return parser.parse_args(argv)
 
 
@@ -340,10 +349,10 @@ def main(argv=None) -> int:
     print(f"train tokens: {len(tokens)}, eval windows: {len(eval_win)}, "
           f"prep {time.time() - t0:.0f}s")
 
-    model = build_model(tokenizer)
+    model = build_model(tokenizer, args.shape)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"parameters: {n_params}")
-    log = {"seed": args.seed, "steps": args.steps, "batch": args.batch,
+    log = {"shape": args.shape, "seed": args.seed, "steps": args.steps, "batch": args.batch,
            "seq_len": SEQ_LEN, "peak_lr": args.lr, "eval_curve": []}
     log_path = args.out / "training.json"
     wall = train(model, tokens, eval_win, args, log, log_path)

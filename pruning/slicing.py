@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 
 from pruning import adapter
 from pruning.architecture import Architecture
+from pruning.compensation import InputMeans, removed_contribution
 from pruning.importance import Importance
 
 
@@ -31,14 +32,18 @@ def _rows(linear: nn.Linear, index: torch.Tensor) -> nn.Linear:
     return out
 
 
-def _cols(linear: nn.Linear, index: torch.Tensor) -> nn.Linear:
-    """Keep input features `index`."""
-    out = nn.Linear(len(index), linear.out_features, bias=linear.bias is not None,
+def _cols(linear: nn.Linear, index: torch.Tensor, mean: torch.Tensor | None = None) -> nn.Linear:
+    """Keep input features `index`; with `mean` (in_features,), the removed inputs' mean output becomes a bias."""
+    out = nn.Linear(len(index), linear.out_features, bias=linear.bias is not None or mean is not None,
                     device=linear.weight.device, dtype=linear.weight.dtype)
     with torch.no_grad():
         out.weight.copy_(linear.weight[:, index])
-        if linear.bias is not None:
-            out.bias.copy_(linear.bias)
+        if out.bias is not None:
+            out.bias.zero_()
+            if linear.bias is not None:
+                out.bias += linear.bias
+            if mean is not None:
+                out.bias += removed_contribution(linear, index, mean)
     return out
 
 
@@ -48,8 +53,14 @@ def _channels(units, width: int) -> torch.Tensor:
     return (units * width + torch.arange(width)).reshape(-1)
 
 
-def slice_model(model: PreTrainedModel, arch: Architecture, importance: Importance) -> PreTrainedModel:
-    """Slice `model` in place to `arch` (units chosen by `importance`) and return it."""
+def slice_model(model: PreTrainedModel, arch: Architecture, importance: Importance,
+                means: InputMeans | None = None) -> PreTrainedModel:
+    """Slice `model` in place to `arch` (units chosen by `importance`) and return it.
+
+    With `means` (from `compensation.input_means` on the dense model), o_proj and down_proj
+    get FLAP's bias compensation for what they lose; stock configs do not describe such
+    biases, so this is for evaluation and comparison, not for `finetune.export`.
+    """
     spec = arch.spec
     for i, layer in enumerate(adapter.decoder_layers(model)):
         shape, parts = arch.layers[i], adapter.layer_parts(layer)
@@ -62,11 +73,12 @@ def slice_model(model: PreTrainedModel, arch: Architecture, importance: Importan
             kv_index = _channels(groups, spec.head_dim)
             adapter.replace_attention(
                 layer, _rows(parts.q, q_index), _rows(parts.k, kv_index), _rows(parts.v, kv_index),
-                _cols(parts.o, q_index), shape.heads_per_group,
+                _cols(parts.o, q_index, None if means is None else means.o[i]), shape.heads_per_group,
             )
         if shape.mlp_dropped:
             adapter.drop_mlp(layer)
         elif shape.ffn_channels != spec.intermediate_size:
             index = torch.as_tensor(importance.kept_channels(i, shape), dtype=torch.long)
-            adapter.replace_mlp(layer, _rows(parts.gate, index), _rows(parts.up, index), _cols(parts.down, index))
+            down = _cols(parts.down, index, None if means is None else means.down[i])
+            adapter.replace_mlp(layer, _rows(parts.gate, index), _rows(parts.up, index), down)
     return model
