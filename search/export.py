@@ -70,6 +70,12 @@ def _tasks(config: RunConfig, tokenizer):
     return encode_tasks(tokenizer, train, **encode), encode_tasks(tokenizer, held, pool=train, **encode)
 
 
+def recovery_settings(config: RunConfig) -> RecoveryConfig:
+    """The LoRA recovery a run's settings ask for (also what experiments.compare gives every method)."""
+    return RecoveryConfig(steps=config.recover_steps, batch_size=config.batch_size, rank=config.lora_rank,
+                          alpha=2.0 * config.lora_rank, distill_weight=config.distill, seed=config.seed)
+
+
 def recover_and_export(setup: Setup, importance: Importance, arch: Architecture, out: Path, command: str,
                        force: bool) -> dict:
     """Slice the run's model (in place) to `arch`, LoRA-tune it, write the export; return the metrics record."""
@@ -88,8 +94,7 @@ def recover_and_export(setup: Setup, importance: Importance, arch: Architecture,
     slice_model(model, arch, importance)
     record = {"dense": dense.to_dict()}
     if config.recover_steps > 0:
-        settings = RecoveryConfig(steps=config.recover_steps, batch_size=config.batch_size, rank=config.lora_rank,
-                                  alpha=2.0 * config.lora_rank, distill_weight=config.distill, seed=config.seed)
+        settings = recovery_settings(config)
         model, result = recover(model, domains, settings, evaluation, reference)
         record.update(pruned=result.before.to_dict(), recovered=result.after.to_dict(),
                       recovery_seconds=round(result.seconds, 1), recovery=settings.to_dict())
