@@ -30,6 +30,7 @@ from contextlib import redirect_stdout
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+import optuna
 import torch
 
 from finetune.data import text_domain
@@ -59,7 +60,7 @@ class Row:
     params: int  # counted on the pruned model
     pruned: float  # perplexity before recovery
     recovered: float  # after the same LoRA recovery
-    seconds: float  # to choose and cut the architecture (the search's whole wall time for "searched")
+    seconds: float  # to choose and cut the architecture (for "searched": its trials, first start to last end)
     measured: int  # candidates whose perplexity was measured to choose it
     note: str = ""
 
@@ -119,6 +120,13 @@ def search_run(argv: list[str], removed: str, out: Path) -> RunLayout:
     return layout
 
 
+def search_seconds(summary: dict) -> float:
+    """First trial's start to last trial's end: the search's cost, also when a finished run was reopened."""
+    study = optuna.load_study(study_name=summary["study_name"], storage=summary["storage"])
+    trials = [t for t in study.trials if t.datetime_complete is not None]
+    return (max(t.datetime_complete for t in trials) - min(t.datetime_start for t in trials)).total_seconds()
+
+
 def prune_method(method: str, ctx: Context, space: SearchSpace, layout: RunLayout):
     """(pruned copy of the dense model, seconds, measured candidates, note) for one method."""
     setup = ctx.setup
@@ -127,8 +135,8 @@ def prune_method(method: str, ctx: Context, space: SearchSpace, layout: RunLayou
         summary = json.loads(layout.summary_json.read_text())
         arch = Architecture.from_json(layout.best_architecture.read_text())
         scores = load_or_compute(dense, calibration, setup.config.importance, layout.root, batch)  # the search's
-        return (slice_model(copy.deepcopy(dense), arch, scores), summary["wall_time_s"], summary["trials_complete"],
-                f"best of {summary['trials_complete']} trials")
+        return (slice_model(copy.deepcopy(dense), arch, scores), search_seconds(summary),
+                summary["trials_complete"], f"best of {summary['trials_complete']} trials")
     if method == "Torch-Pruning":
         from experiments.torch_pruning_peer import prune_to_params
 
