@@ -21,7 +21,7 @@ import torch
 from transformers import PreTrainedModel
 
 from pruning import adapter
-from pruning.importance import _run_batches
+from pruning.importance import _ChannelStats, _recorder, _run_batches
 
 
 @dataclass(frozen=True)
@@ -34,28 +34,18 @@ class InputMeans:
 
 def input_means(model: PreTrainedModel, windows: torch.Tensor, batch_size: int = 8) -> InputMeans:
     """Mean of every o_proj / down_proj input channel over all positions of `windows` (N, T)."""
-    sums, counts, handles = {}, {}, []
-
-    def recorder(key):
-        def hook(module, args):
-            flat = args[0].detach().reshape(-1, args[0].shape[-1]).double()  # (B*T, C)
-            sums[key] = sums.get(key, 0) + flat.sum(0)
-            counts[key] = counts.get(key, 0) + flat.shape[0]
-
-        return hook
-
+    device = next(model.parameters()).device
     layers = [adapter.layer_parts(layer) for layer in adapter.decoder_layers(model)]
-    for i, parts in enumerate(layers):
-        handles.append(parts.o.register_forward_pre_hook(recorder((i, "o"))))
-        handles.append(parts.down.register_forward_pre_hook(recorder((i, "down"))))
+    stats = [(_ChannelStats(p.o.in_features, device), _ChannelStats(p.down.in_features, device)) for p in layers]
+    handles = [proj.register_forward_pre_hook(_recorder(s, with_grad=False))
+               for p, pair in zip(layers, stats, strict=True) for proj, s in zip((p.o, p.down), pair, strict=True)]
     try:
         _run_batches(model, windows, batch_size, backward=False)
     finally:
         for h in handles:
             h.remove()
-    mean = {key: (sums[key] / counts[key]).float() for key in sums}
-    return InputMeans(tuple(mean[i, "o"] for i in range(len(layers))),
-                      tuple(mean[i, "down"] for i in range(len(layers))))
+    return InputMeans(tuple((o.sum / o.count).float() for o, _ in stats),
+                      tuple((down.sum / down.count).float() for _, down in stats))
 
 
 def removed_contribution(linear: torch.nn.Linear, kept: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
