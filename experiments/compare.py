@@ -27,14 +27,12 @@ import math
 import sys
 import time
 from contextlib import redirect_stdout
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import optuna
 import torch
 
-from finetune.data import text_domain
-from finetune.distill import dense_reference
 from finetune.evaluate import EvalData
 from finetune.recover import recover
 from pruning.architecture import Architecture
@@ -45,7 +43,7 @@ from pruning.slicing import slice_model
 from search import run
 from search.budget import BudgetError, parse_budget
 from search.config import RunConfig, RunLayout
-from search.export import TEACHER_TOP_K, recovery_settings
+from search.export import dense_teacher, recovery_settings, text_domains
 from search.report import write_atomic
 from search.setup import USER_ERRORS, Setup, prepare
 from search.space import SearchSpace
@@ -72,6 +70,13 @@ class Context:
     setup: Setup
     held_out: torch.Tensor  # (N, T) evaluation windows no search trial was measured on
     recovery: dict  # keyword arguments of finetune.recover for every method
+    measured: dict = field(default_factory=dict)  # name -> (result, seconds): one calibration pass each
+
+    def once(self, name: str, compute):
+        """`compute()` and its seconds, run on the first call only: the scores serve every budget."""
+        if name not in self.measured:
+            self.measured[name] = timed(compute)
+        return self.measured[name]
 
 
 def held_out_windows(setup: Setup) -> torch.Tensor:
@@ -83,11 +88,8 @@ def held_out_windows(setup: Setup) -> torch.Tensor:
 def build_context(config: RunConfig) -> Context:
     setup = prepare(config)
     tokenizer, model = setup.tokenizer, setup.model
-    domains = [text_domain(name, tokenizer, path, config.seq_len, config.recover_windows)
-               for name, path in config.domain_sources()]
-    reference = None
-    if config.distill > 0:
-        reference = dense_reference(model, domains, top_k=TEACHER_TOP_K, batch_size=config.batch_size)
+    domains = text_domains(config, tokenizer)
+    reference = dense_teacher(model, config, domains)
     held_out = held_out_windows(setup)
     recovery = dict(domains=domains, config=recovery_settings(config), evaluation=EvalData(held_out),
                     reference=reference)
@@ -143,10 +145,10 @@ def prune_method(method: str, ctx: Context, space: SearchSpace, layout: RunLayou
         (model, ratio, head_ratio), seconds = timed(lambda: prune_to_params(dense, space.budget))
         return model, seconds, 0, f"width ratio {ratio:.3f}, head ratio {head_ratio:.3f}"
     scores = "wanda" if method == "uniform" else "fluctuation"
-    importance, seconds = timed(lambda: compute_importance(dense, calibration, scores, batch))
+    importance, seconds = ctx.once(scores, lambda: compute_importance(dense, calibration, scores, batch))
     means = None
     if method == "threshold + bias":
-        means, extra = timed(lambda: input_means(dense, calibration, batch))
+        means, extra = ctx.once("means", lambda: input_means(dense, calibration, batch))
         seconds += extra
         # The biases cost parameters too: leave room for one per o_proj and down_proj output.
         spec = space.spec
@@ -171,9 +173,9 @@ def measure(method: str, removed: str, ctx: Context, space: SearchSpace, layout:
 def table(rows: list[Row], dense_ppl: float, dense_params: int) -> str:
     uniform = {r.removed: r for r in rows if r.method == "uniform"}
 
-    def versus(r: Row, field: str) -> str:
+    def versus(r: Row, column: str) -> str:
         u = uniform.get(r.removed)
-        return f"{getattr(r, field) / getattr(u, field) - 1:+.0%}" if u and r.method != "uniform" else ""
+        return f"{getattr(r, column) / getattr(u, column) - 1:+.0%}" if u and r.method != "uniform" else ""
 
     lines = [
         f"Dense model: {dense_params:,} parameters, perplexity {dense_ppl:.2f}.",
@@ -199,10 +201,10 @@ def plot(rows: list[Row], dense_ppl: float, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for ax, field, label in zip(axes, ("pruned", "recovered"), ("after pruning", "after the same LoRA recovery"),
+    for ax, column, label in zip(axes, ("pruned", "recovered"), ("after pruning", "after the same LoRA recovery"),
                                 strict=True):
         for method in METHODS:
-            points = sorted((r.params / 1e6, getattr(r, field)) for r in rows
+            points = sorted((r.params / 1e6, getattr(r, column)) for r in rows
                             if r.method == method and not math.isnan(r.pruned))
             if points:
                 ax.plot(*zip(*points, strict=True), marker="o", label=method)
@@ -272,8 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     done = {(r.removed, r.method) for r in rows}
     dense_params = Architecture.full(ctx.setup.space.spec).params()
     for removed, budget in zip(args.removed, budgets, strict=True):
-        space = SearchSpace(ctx.setup.space.spec, parse_budget(budget, dense_params), ffn_step=base.ffn_step,
-                            allow_drop=base.allow_drop)
+        space = replace(ctx.setup.space, budget=parse_budget(budget, dense_params))
         layout = search_run(run_arguments(args, budget), removed, out) if "searched" in args.methods else None
         for method in args.methods:
             if (removed, method) in done:

@@ -70,27 +70,38 @@ def _tasks(config: RunConfig, tokenizer):
     return encode_tasks(tokenizer, train, **encode), encode_tasks(tokenizer, held, pool=train, **encode)
 
 
+def text_domains(config: RunConfig, tokenizer) -> list:
+    """The language-modelling domains recovery trains on: the calibration text and every --domain."""
+    return [text_domain(name, tokenizer, path, config.seq_len, config.recover_windows)
+            for name, path in config.domain_sources()]
+
+
 def recovery_settings(config: RunConfig) -> RecoveryConfig:
     """The LoRA recovery a run's settings ask for (also what experiments.compare gives every method)."""
     return RecoveryConfig(steps=config.recover_steps, batch_size=config.batch_size, rank=config.lora_rank,
                           alpha=2.0 * config.lora_rank, distill_weight=config.distill, seed=config.seed)
 
 
+def dense_teacher(model, config: RunConfig, domains: list):
+    """The dense model's `DenseReference` for tuning (call before slicing); None where tuning would not read it:
+    distillation needs its top-k targets, dynamic batch loading over several domains its losses."""
+    if config.recover_steps == 0 or not (config.distill > 0 or len(domains) > 1):
+        return None
+    top_k = TEACHER_TOP_K if config.distill > 0 else 0
+    return dense_reference(model, domains, top_k=top_k, batch_size=config.batch_size)
+
+
 def recover_and_export(setup: Setup, importance: Importance, arch: Architecture, out: Path, command: str,
                        force: bool) -> dict:
     """Slice the run's model (in place) to `arch`, LoRA-tune it, write the export; return the metrics record."""
     model, tokenizer, config, final_windows = setup.model, setup.tokenizer, setup.config, setup.final_windows
-    domains = [text_domain(name, tokenizer, path, config.seq_len, config.recover_windows)
-               for name, path in config.domain_sources()]
+    domains = text_domains(config, tokenizer)
     train_tasks, held_tasks = _tasks(config, tokenizer)
     if train_tasks:
         domains.append(task_domain("task", train_tasks, pad_id(tokenizer)))
     evaluation = EvalData(final_windows, held_tasks)
     dense = evaluate(model, evaluation, config.batch_size)
-    reference = None
-    if config.recover_steps > 0 and (config.distill > 0 or len(domains) > 1):  # only tuning reads it
-        top_k = TEACHER_TOP_K if config.distill > 0 else 0
-        reference = dense_reference(model, domains, top_k=top_k, batch_size=config.batch_size)
+    reference = dense_teacher(model, config, domains)
     slice_model(model, arch, importance)
     record = {"dense": dense.to_dict()}
     if config.recover_steps > 0:
