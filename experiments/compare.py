@@ -79,18 +79,12 @@ class Context:
         return self.measured[name]
 
 
-def held_out_windows(setup: Setup) -> torch.Tensor:
-    final, search = setup.final_windows, setup.search_windows
-    seen = (final[:, None, :] == search[None, :, :]).all(-1).any(-1)  # (N,) rows the search measured
-    return final[~seen]
-
-
 def build_context(config: RunConfig) -> Context:
     setup = prepare(config)
     tokenizer, model = setup.tokenizer, setup.model
     domains = text_domains(config, tokenizer)
     reference = dense_teacher(model, config, domains)
-    held_out = held_out_windows(setup)
+    held_out = setup.held_out
     recovery = dict(domains=domains, config=recovery_settings(config), evaluation=EvalData(held_out),
                     reference=reference)
     return Context(setup, held_out, recovery)

@@ -10,6 +10,12 @@ Predictions come back on the metric's own scale (perplexity: lower is better):
     mean   = exp(mean_m pred_m)      geometric mean of the members (the mean on the log scale)
     spread = std_m exp(pred_m)       disagreement of the members, in metric units
 
+Additive prior. When the table has the ``additive_cost`` column (the sensitivity database's
+estimate, `predictor.features`), a least-squares line  log(metric) ~ a + b * additive_cost  with
+b >= 0 is fitted first and the members learn only the residual, the non-additive part (EvoPress
+shows pruning errors are not additive). The line is added back to every member's prediction, so
+with few pairs the predictor falls back on the database's ranking rather than on a constant.
+
 Failed candidates (NaN or infinite metrics) are skipped with a logged warning; fewer than `min_pairs`
 finite pairs, non-positive metrics, or a table of another base model / feature version raise
 `PredictorError`.
@@ -24,7 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from predictor.features import SIGNATURE_KEY
+from predictor.features import ADDITIVE, SIGNATURE_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +97,8 @@ class Predictor(abc.ABC):
         self.columns_ = list(table.columns)
         self.signature_ = dict(signature)
         self.n_pairs_ = len(y)
-        self._fit(x, np.log(y))
+        self.prior_ = _additive_line(x[:, self.columns_.index(ADDITIVE)], np.log(y)) if ADDITIVE in table else None
+        self._fit(x, np.log(y) - self._prior(x))
         return self
 
     def predict(self, table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -99,7 +106,7 @@ class Predictor(abc.ABC):
         x = self._features(table)  # (N, F)
         if len(x) == 0:
             return np.empty(0), np.empty(0)
-        members = self._predict_members(x)  # (M, N) log metric
+        members = self._predict_members(x) + self._prior(x)  # (M, N) log metric
         return np.exp(members.mean(0)), np.exp(members).std(0)
 
     def _features(self, table: pd.DataFrame) -> np.ndarray:
@@ -113,8 +120,21 @@ class Predictor(abc.ABC):
             )
         return table.to_numpy(dtype=np.float64)
 
+    def _prior(self, x: np.ndarray) -> np.ndarray:
+        """(N,) the additive line's log metric, or 0 without the column."""
+        if self.prior_ is None:
+            return np.zeros(len(x))
+        a, b = self.prior_
+        return a + b * x[:, self.columns_.index(ADDITIVE)]
+
     @abc.abstractmethod
     def _fit(self, x: np.ndarray, y: np.ndarray) -> None: ...
 
     @abc.abstractmethod
     def _predict_members(self, x: np.ndarray) -> np.ndarray: ...
+
+
+def _additive_line(additive: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(a, b) of the least-squares  y ~ a + b * additive  with b >= 0."""
+    b = max(float(np.polyfit(additive, y, 1)[0]), 0.0) if np.ptp(additive) > 0 else 0.0
+    return float(y.mean() - b * additive.mean()), b

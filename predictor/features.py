@@ -7,6 +7,10 @@ Per layer i (L layers, G KV groups of g query heads, I FFN channels):
 - ``attn_dropped_i`` 1 if the attention sublayer is gone ``ffn_dropped_i`` 1 if the MLP is gone
 - ``block_params_i`` parameters of the block / those of the full block
 
+With a sensitivity table (`pruning.sensitivity`), one more column leads the table:
+``additive_cost``, the sum of the architecture's per-sublayer costs (the knapsack's objective),
+so the model starts from the additive estimate and learns what it misses (see `predictor.base`).
+
 and across depth: ``params_frac`` (whole model), ``attn_params_frac``, ``mlp_params_frac``,
 ``mass_total`` (sum of every kept score / sum of all scores, heads and channels pooled: the
 zero-cost proxy), ``mass_mean`` (mean of the 2L per-sublayer masses), the mean and minimum of
@@ -36,6 +40,7 @@ from pruning.architecture import Architecture, ModelSpec
 
 if TYPE_CHECKING:
     from pruning.importance import Importance
+    from pruning.sensitivity import SensitivityTable
 
 FEATURE_VERSION = 1
 SIGNATURE_KEY = "prunesearch.features"
@@ -45,6 +50,7 @@ GLOBAL_COLUMNS = (
     "attn_mass_mean", "ffn_mass_mean", "attn_mass_min", "ffn_mass_min", "mass_early", "mass_late",
     "attn_dropped_count", "ffn_dropped_count",
 )
+ADDITIVE = "additive_cost"
 LAYER_KINDS = ("attn_frac", "ffn_frac", "attn_mass", "ffn_mass", "attn_dropped", "ffn_dropped", "block_params")
 
 
@@ -59,7 +65,7 @@ def feature_columns(num_layers: int) -> list[str]:
 
 def direction(column: str) -> int:
     """Sign of d(metric)/d(column) when a layer keeps more units: -1 lowers (improves) perplexity, +1 raises it."""
-    return 1 if "dropped" in column else -1
+    return 1 if "dropped" in column or column == ADDITIVE else -1
 
 
 def spec_digest(spec: ModelSpec) -> str:
@@ -69,10 +75,10 @@ def spec_digest(spec: ModelSpec) -> str:
 class FeatureBuilder:
     """`FeatureBuilder(importance).table(archs)` -> (N, len(feature_columns(L))) float DataFrame."""
 
-    def __init__(self, importance: Importance):
-        self.importance = importance
+    def __init__(self, importance: Importance, sensitivity: SensitivityTable | None = None):
+        self.importance, self.sensitivity = importance, sensitivity
         self.spec = spec = importance.spec
-        self.columns = feature_columns(spec.num_layers)
+        self.columns = ([ADDITIVE] if sensitivity else []) + feature_columns(spec.num_layers)
         self.signature = _signature(importance)
         # Kept score of each layer for every unit count; raw (unnormalised) so heads and channels can pool.
         # A layer whose scores are all zero counts its units as equal, so its mass is the kept fraction.
@@ -108,8 +114,10 @@ class FeatureBuilder:
             "attn_dropped_count": (kv == 0).sum(1),
             "ffn_dropped_count": (ch == 0).sum(1),
         }
+        if self.sensitivity is not None:
+            summary[ADDITIVE] = np.array([self.sensitivity.additive(a) for a in archs])
         data = np.column_stack(
-            [summary[c] for c in GLOBAL_COLUMNS] + [per_layer[k] for k in LAYER_KINDS]
+            [summary[c] for c in self.columns[: -len(LAYER_KINDS) * n_layers]] + [per_layer[k] for k in LAYER_KINDS]
         ).astype(np.float64)  # (N, F)
         out = pd.DataFrame(data, columns=self.columns)
         out.attrs[SIGNATURE_KEY] = self.signature

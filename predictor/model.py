@@ -110,6 +110,7 @@ class AccuracyPredictor(Predictor):
             "columns": self.columns_,
             "signature": self.signature_,
             "n_pairs": self.n_pairs_,
+            "additive_prior": self.prior_,
             "n_members": self.n_members,
             "seed": self.seed,
             "config": asdict(self.config),
@@ -126,6 +127,7 @@ class AccuracyPredictor(Predictor):
         predictor = cls(meta["n_members"], meta["seed"], BoosterConfig(**{k: meta["config"][k] for k in names}))
         predictor.columns_, predictor.signature_ = meta["columns"], meta["signature"]
         predictor.n_pairs_ = meta["n_pairs"]
+        predictor.prior_ = tuple(meta["additive_prior"]) if meta.get("additive_prior") else None
         predictor.boosters_ = []
         for name in meta["members"]:
             booster = xgb.Booster()

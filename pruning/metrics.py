@@ -1,9 +1,10 @@
-"""Perplexity over fixed-length token windows."""
+"""Perplexity, per-window NLL and KL to a reference distribution, over fixed-length token windows."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
@@ -34,3 +35,42 @@ def perplexity(model: PreTrainedModel, windows: torch.Tensor, batch_size: int = 
             count += len(targets)
     nll = total / count
     return math.exp(nll) if nll < 700 else math.inf
+
+
+@torch.inference_mode()
+def next_token_logprobs(model: PreTrainedModel, windows: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """(N, T-1, V) float32 log-probabilities of the model's next-token distribution, on the CPU.
+
+    Held in full, so meant for the few windows a sensitivity database or a KL objective uses
+    (8 windows x 255 tokens x 32k vocab = 261 MB).
+    """
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(windows), batch_size):
+        logits = model(input_ids=windows[start : start + batch_size].to(device)).logits[:, :-1]  # (B, T-1, V)
+        out.append(torch.log_softmax(logits.float(), -1).cpu())
+    return torch.cat(out)
+
+
+@torch.inference_mode()
+def window_losses(
+    model: PreTrainedModel, windows: torch.Tensor, batch_size: int = 8, reference: torch.Tensor | None = None
+) -> dict[str, np.ndarray]:
+    """Per-window means over the T-1 predicted positions, each (N,):
+
+        "nll": -log q(x_t+1 | x_<=t)                        (perplexity = exp(mean of the windows' nll))
+        "kl":  sum_v p_v (log p_v - log q_v), p = `reference` (N, T-1, V) log-probs of the dense model
+    """
+    device = next(model.parameters()).device
+    nll, kl = [], []
+    for start in range(0, len(windows), batch_size):
+        batch = windows[start : start + batch_size].to(device)
+        logq = torch.log_softmax(model(input_ids=batch).logits[:, :-1].float(), -1)  # (B, T-1, V)
+        nll.append(-logq.gather(-1, batch[:, 1:, None]).squeeze(-1).mean(-1).double().cpu())
+        if reference is not None:
+            logp = reference[start : start + batch_size].to(device)
+            kl.append((logp.exp() * (logp - logq)).sum(-1).mean(-1).double().cpu())
+    out = {"nll": torch.cat(nll).numpy()}
+    if reference is not None:
+        out["kl"] = torch.cat(kl).numpy()
+    return out

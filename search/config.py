@@ -10,7 +10,8 @@ from pathlib import Path
 
 from pruning import reference
 
-SAMPLERS = ("predictor", "tpe", "gp", "cmaes", "random")
+SAMPLERS = ("predictor", "knapsack", "tpe", "gp", "cmaes", "random")
+TABLE_SAMPLERS = ("predictor", "knapsack")  # samplers that start from the sensitivity table
 OBJECTIVES = ("perplexity",)
 IMPORTANCE_METHODS = ("wanda", "fluctuation", "taylor")
 
@@ -31,6 +32,8 @@ class RunConfig:
     calibration_windows: int = 64
     search_windows: int = 32  # evaluation windows each trial is measured on; the summary uses all of them
     importance: str = "wanda"
+    sensitivity_windows: int = 8  # search windows each sensitivity-table entry is measured on (at most all)
+    sensitivity_points: int = 8  # kept sizes measured per sublayer
     sampler: str = "predictor"
     n_startup: int = 8
     ffn_step: int = 8
@@ -64,6 +67,8 @@ class RunConfig:
             (self.sampler != "predictor" or self.n_startup >= 5, "--n-startup must be at least 5"),
             (self.seq_len >= 8, f"--seq-len must be at least 8, got {self.seq_len}"),
             (self.calibration_windows >= 1 and self.search_windows >= 1, "window counts must be at least 1"),
+            (self.sensitivity_windows >= 1, f"--sensitivity-windows must be >= 1, got {self.sensitivity_windows}"),
+            (self.sensitivity_points >= 2, f"--sensitivity-points must be at least 2, got {self.sensitivity_points}"),
             (
                 self.device in ("auto", "cpu") or self.device.startswith("cuda"),
                 f"--device must be auto, cpu or cuda[:N], got {self.device!r}",

@@ -31,7 +31,10 @@ class RunSummary:
     base_perplexity: float
     uniform_perplexity: float
     threshold_perplexity: float
+    knapsack_perplexity: float | None  # the sensitivity knapsack, when the sampler measured the table
     best_perplexity: float
+    held_out_windows: int  # every perplexity above is on these: evaluation windows no trial was measured on
+    windows_evaluated: int  # the search's cost: sensitivity table + trials, in evaluation windows
     predictor_kendall_tau: float | None  # predictions made before measuring vs the measurements
     predictor_pairs: int
     wall_time_s: float
@@ -52,6 +55,8 @@ class RunSummary:
             ("base model", ratio(self.base_params), self.base_perplexity),
             ("uniform pruning", "same budget", self.uniform_perplexity),
             ("importance threshold (FLAP-style)", "same budget", self.threshold_perplexity),
+            *([("sensitivity knapsack", "same budget", self.knapsack_perplexity)]
+              if self.knapsack_perplexity is not None else []),
             (f"searched (trial {self.best_trial})", ratio(self.best_params), self.best_perplexity),
         ]
         table = "\n".join(f"| {name} | {params} | {ppl:.3f} |" for name, params, ppl in rows)
@@ -69,7 +74,9 @@ class RunSummary:
         return (
             f"## Pruning search: {self.model}\n\n"
             f"Budget {format_count(self.budget_params)} parameters; {self.trials_complete} candidates measured "
-            f"({self.trials_failed} failed) in {self.wall_time_s / 60:.1f} min.\n\n"
+            f"({self.trials_failed} failed) in {self.wall_time_s / 60:.1f} min; "
+            f"{self.windows_evaluated:,} evaluation windows measured, sensitivity table included.\n\n"
+            f"Perplexity on {self.held_out_windows} held-out windows that no candidate was chosen on:\n\n"
             f"| model | parameters | perplexity |\n|---|---|---|\n{table}\n\n"
             f"Predictor Kendall τ on its own predictions: {tau} ({self.predictor_pairs} pairs).\n"
             f"{recovery}\nFiles: `{self.run_dir}`  \nDashboard: `{self.dashboard_command()}`\n"

@@ -20,6 +20,7 @@ import warnings
 from dataclasses import fields, replace
 
 import optuna
+import torch
 from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
@@ -30,11 +31,13 @@ from pruning.architecture import Architecture, format_count
 from pruning.importance import Importance, load_or_compute
 from pruning.masking import masked
 from pruning.metrics import perplexity
-from search.config import SAMPLERS, RunConfig, RunLayout
+from pruning.sensitivity import Grid, SensitivityTable, measure_sensitivity
+from search.config import SAMPLERS, TABLE_SAMPLERS, RunConfig, RunLayout
 from search.export import add_recovery_arguments, recover_and_export
+from search.knapsack import knapsack
 from search.objective import Objective
 from search.report import RunSummary, best_trial, own_kendall, publish, write_atomic
-from search.sampler import PredictorSampler, measured, trial_architecture
+from search.sampler import AdditiveSampler, PredictorSampler, measured, trial_architecture
 from search.setup import FINAL_EVAL_WINDOWS, USER_ERRORS, Setup, prepare
 from search.space import SearchSpace
 from search.study import count_trials, open_storage, open_study, retry_dead_workers
@@ -77,7 +80,24 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"evaluation windows per trial; the summary uses up to {FINAL_EVAL_WINDOWS} (default: %(default)s)",
     )
     p.add_argument("--importance", default=d.importance, help="wanda, fluctuation or taylor (default: %(default)s)")
-    p.add_argument("--sampler", default=d.sampler, help=f"{', '.join(SAMPLERS)} (default: %(default)s)")
+    p.add_argument(
+        "--sampler",
+        default=d.sampler,
+        help=f"{', '.join(SAMPLERS)}; predictor and knapsack first measure the sensitivity table and start from "
+        "its knapsack, knapsack then ranks by the table alone (default: %(default)s)",
+    )
+    p.add_argument(
+        "--sensitivity-windows",
+        type=int,
+        default=d.sensitivity_windows,
+        help="search windows each sensitivity-table entry is measured on, at most all (default: %(default)s)",
+    )
+    p.add_argument(
+        "--sensitivity-points",
+        type=int,
+        default=d.sensitivity_points,
+        help="kept sizes measured per sublayer for the sensitivity table (default: %(default)s)",
+    )
     p.add_argument(
         "--n-startup", type=int, default=d.n_startup, help="trials before the predictor guides (default: %(default)s)"
     )
@@ -110,12 +130,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def make_sampler(
-    config: RunConfig, space: SearchSpace, importance: Importance, resumed_trials: int = 0
+    config: RunConfig,
+    space: SearchSpace,
+    importance: Importance,
+    sensitivity: SensitivityTable | None = None,
+    resumed_trials: int = 0,
 ) -> optuna.samplers.BaseSampler:
     """The chosen sampler. Ours draws per trial number; Optuna's get a seed offset on resume
     so they do not replay the proposals the study already holds."""
     if config.sampler == "predictor":
-        return PredictorSampler(space, importance, n_startup=config.n_startup, seed=config.seed)
+        return PredictorSampler(space, importance, sensitivity, n_startup=config.n_startup, seed=config.seed)
+    if config.sampler == "knapsack":
+        return AdditiveSampler(space, importance, sensitivity, n_startup=config.n_startup, seed=config.seed)
     seed = config.seed + resumed_trials
     if config.sampler == "tpe":
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=config.n_startup, multivariate=True)
@@ -139,16 +165,43 @@ def identity(setup: Setup) -> dict:
         "importance": c.importance,
         "seq_len": c.seq_len,
         "sampler": c.sampler,
+        "sensitivity": [c.sensitivity_windows, c.sensitivity_points] if c.sampler in TABLE_SAMPLERS else None,
     }
 
 
-def baselines(study: optuna.Study, setup: Setup, importance: Importance) -> dict[str, float]:
-    """Perplexity of the base model, uniform and threshold pruning on the final evaluation windows (stored once)."""
+def sensitivity_table(study: optuna.Study, setup: Setup, importance: Importance) -> SensitivityTable:
+    """The per-sublayer table on `sensitivity_windows` of the search windows (cached in the run directory);
+    its cost in windows is stored on the study."""
+    c = setup.config
+    n = min(c.sensitivity_windows, len(setup.search_windows))
+    picked = torch.linspace(0, len(setup.search_windows) - 1, n).round().long().unique()
+    grid = Grid.spread(setup.space.spec, c.sensitivity_points)
+    started = time.perf_counter()
+    table = measure_sensitivity(setup.model, importance, setup.search_windows[picked], grid, ("nll",),
+                                c.batch_size, setup.layout.root)
+    if "sensitivity" not in study.user_attrs:
+        study.set_user_attr("sensitivity", {
+            "measurements": table.measurements(),
+            "windows": table.windows,
+            "windows_evaluated": (table.measurements() + 1) * table.windows,  # + the dense pass
+            "seconds": round(time.perf_counter() - started, 1),
+        })
+    return table
+
+
+def baselines(
+    study: optuna.Study, setup: Setup, importance: Importance, sensitivity: SensitivityTable | None
+) -> dict[str, float]:
+    """Held-out perplexity of the base model, uniform and threshold pruning and, with a table, the
+    sensitivity knapsack (stored once)."""
     if "baselines" in study.user_attrs:
         return study.user_attrs["baselines"]
-    model, windows, space = setup.model, setup.final_windows, setup.space
+    model, windows, space = setup.model, setup.held_out, setup.space
     out = {"base": perplexity(model, windows, setup.config.batch_size)}
-    for name, arch in (("uniform", space.uniform()), ("threshold", space.threshold(importance))):
+    rivals = [("uniform", space.uniform()), ("threshold", space.threshold(importance))]
+    if sensitivity is not None:
+        rivals.append(("knapsack", knapsack(space, sensitivity)))
+    for name, arch in rivals:
         with masked(model, arch, importance):
             out[name] = perplexity(model, windows, setup.config.batch_size)
     study.set_user_attr("baselines", out)
@@ -180,16 +233,19 @@ def search(study: optuna.Study, setup: Setup, importance: Importance) -> None:
         bar.close()
 
 
-def finish(study: optuna.Study, setup: Setup, importance: Importance, started: float) -> RunSummary:
+def finish(study: optuna.Study, setup: Setup, importance: Importance, sensitivity: SensitivityTable | None,
+           started: float) -> RunSummary:
     layout, c = setup.layout, setup.config
     best = best_trial(study)
     arch = trial_architecture(best)
     with masked(setup.model, arch, importance):
-        best_ppl = perplexity(setup.model, setup.final_windows, c.batch_size)
-    base = baselines(study, setup, importance)
+        best_ppl = perplexity(setup.model, setup.held_out, c.batch_size)
+    base = baselines(study, setup, importance, sensitivity)
     archs, values = measured(study)
     if len(archs) >= 5:
-        AccuracyPredictor(seed=c.seed).fit(FeatureBuilder(importance).table(archs), values).save(layout.predictor)
+        features = FeatureBuilder(importance, sensitivity).table(archs)
+        AccuracyPredictor(seed=c.seed).fit(features, values).save(layout.predictor)
+    table_windows = study.user_attrs.get("sensitivity", {}).get("windows_evaluated", 0)
     tau, pairs = own_kendall(study)
     summary = RunSummary(
         model=c.model,
@@ -205,7 +261,10 @@ def finish(study: optuna.Study, setup: Setup, importance: Importance, started: f
         base_perplexity=base["base"],
         uniform_perplexity=base["uniform"],
         threshold_perplexity=base["threshold"],
+        knapsack_perplexity=base.get("knapsack"),
         best_perplexity=best_ppl,
+        held_out_windows=len(setup.held_out),
+        windows_evaluated=table_windows + count_trials(study, *FINISHED) * len(setup.search_windows),
         predictor_kendall_tau=tau,
         predictor_pairs=pairs,
         wall_time_s=round(time.time() - started, 1),
@@ -241,8 +300,9 @@ def resume_command(config: RunConfig, layout: RunLayout, argv: list[str]) -> str
     return "python -m search.run " + " ".join(shlex.quote(a) for a in args)
 
 
-def start(config: RunConfig) -> tuple[Setup, optuna.Study, Importance]:
-    """Check the input, then open the run directory, importance scores and study (resuming when it exists)."""
+def start(config: RunConfig) -> tuple[Setup, optuna.Study, Importance, SensitivityTable | None]:
+    """Check the input, then open the run directory, importance scores, sensitivity table (for the samplers
+    that use it) and study, resuming each when it exists."""
     setup = prepare(config)
     layout = setup.layout
     fresh = not layout.root.exists()
@@ -255,10 +315,11 @@ def start(config: RunConfig) -> tuple[Setup, optuna.Study, Importance]:
         if fresh:  # leave nothing half-written behind
             shutil.rmtree(layout.root, ignore_errors=True)
         raise
-    sampler = make_sampler(config, setup.space, importance, len(study.trials))
+    sensitivity = sensitivity_table(study, setup, importance) if config.sampler in TABLE_SAMPLERS else None
+    sampler = make_sampler(config, setup.space, importance, sensitivity, len(study.trials))
     study = optuna.load_study(study_name=study.study_name, storage=storage, sampler=sampler)
     write_atomic(layout.config, config.to_json())
-    return setup, study, importance
+    return setup, study, importance, sensitivity
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -270,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     try:
         config = RunConfig(**{f.name: getattr(args, f.name) for f in fields(RunConfig)})
-        setup, study, importance = start(config)
+        setup, study, importance, sensitivity = start(config)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -283,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         file=sys.stderr,
     )
     try:
-        baselines(study, setup, importance)
+        baselines(study, setup, importance, sensitivity)
         search(study, setup, importance)
     except KeyboardInterrupt:
         print(
@@ -292,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
-    summary = finish(study, setup, importance, started)
+    summary = finish(study, setup, importance, sensitivity, started)
     if config.export:
         summary = export_best(study, setup, importance, summary, argv, started)
     print(summary.to_markdown())

@@ -1,11 +1,20 @@
 """The predictor-guided sampler: measure a few candidates, learn, propose the most promising next.
 
+With a sensitivity table (`pruning.sensitivity`, the default in `search.run`) the search starts
+where the rival ends: its first trial is the sensitivity knapsack, the predictor learns the
+residual of the table's additive estimate (`predictor.base`), and the pool also holds knapsacks
+re-solved with each sublayer's costs scaled by random factors (other near-optimal additive
+allocations) and swaps (`SearchSpace.swap`) of the best. The knapsack is measured first, so the
+search never returns anything worse on the search windows.
+
 Each `ask` (Optuna's relative sampling) does:
-    startup (fewer than `n_startup` finished trials): uniform, importance-threshold, then random
-            allocations whose attention/FFN splits are stratified over [0, 1], so the startup pairs
-            span the main trade-off whatever the seed
+    startup (fewer than `n_startup` finished trials): the knapsack (with a table) or uniform and
+            importance-threshold, then perturbed knapsacks and random allocations whose
+            attention/FFN splits are stratified over [0, 1], so the startup pairs span the main
+            trade-off whatever the seed
     guided: fit the accuracy predictor on the finished trials -> generate a pool of candidates
-            (mutations of the best, crossovers of good pairs, fresh random ones) -> score each by the
+            (mutations and swaps of the best, crossovers of good pairs, perturbed knapsacks,
+            fresh random ones) -> score each by the
             lower confidence bound  mean - exploration * spread  (the metric is minimised) -> propose
             the best one that no finished or running trial already holds. Every `explore_every`-th
             guided trial chooses among the fresh random candidates only: the ensemble's spread is
@@ -29,6 +38,8 @@ from predictor.features import FeatureBuilder
 from predictor.model import AccuracyPredictor
 from pruning.architecture import Architecture
 from pruning.importance import Importance
+from pruning.sensitivity import SensitivityTable
+from search import knapsack
 from search.space import SearchSpace
 
 logger = logging.getLogger(__name__)
@@ -59,6 +70,7 @@ class PredictorSampler(BaseSampler):
         self,
         space: SearchSpace,
         importance: Importance,
+        sensitivity: SensitivityTable | None = None,
         n_startup: int = 8,
         pool_size: int = 1000,
         exploration: float = 1.0,
@@ -71,7 +83,8 @@ class PredictorSampler(BaseSampler):
         self.space, self.importance = space, importance
         self.n_startup, self.pool_size, self.exploration = n_startup, pool_size, exploration
         self.n_members, self.explore_every, self.seed = n_members, explore_every, seed
-        self.features = FeatureBuilder(importance)
+        self.features = FeatureBuilder(importance, sensitivity)
+        self.costs = knapsack.level_costs(space, sensitivity) if sensitivity is not None else None
         self._fallback = RandomSampler(seed=seed)
 
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
@@ -102,39 +115,65 @@ class PredictorSampler(BaseSampler):
 
     # ---- phases --------------------------------------------------------------------------------
     def _startup(self, n_measured: int, taken: set, rng: np.random.Generator) -> Architecture:
-        fixed = [self.space.uniform(), self.space.threshold(self.importance)]
+        if self.costs is not None:
+            fixed = [knapsack.solve(self.space, *self.costs)]
+        else:
+            fixed = [self.space.uniform(), self.space.threshold(self.importance)]
         for arch in fixed[n_measured:]:
             if self._key(arch) not in taken:
                 return arch
+        k = n_measured - len(fixed)
+        if self.costs is not None and k % 2 == 0:  # every other startup: another near-optimal additive allocation
+            perturbed = [self._perturbed_knapsack(rng, sigma) for sigma in (0.3, 0.5, 0.8, 1.2, 2.0)]
+            return self._fresh(perturbed, taken, rng)
         # the k-th random startup draws its split from the k-th of n equal strata, in a seeded order
         n = max(self.n_startup - len(fixed), 1)
-        stratum = np.random.default_rng(self.seed).permutation(n)[(n_measured - len(fixed)) % n]
-        return self._fresh([self.space.random(rng, split=(stratum + rng.uniform()) / n) for _ in range(20)], taken)
+        stratum = np.random.default_rng(self.seed).permutation(n)[k % n]
+        return self._fresh([self.space.random(rng, split=(stratum + rng.uniform()) / n) for _ in range(20)], taken, rng)
+
+    def _perturbed_knapsack(self, rng: np.random.Generator, sigma: float = 0.5) -> Architecture:
+        """The knapsack with each sublayer's costs scaled by its own log-normal factor."""
+        attn, ffn = self.costs
+        scale = np.exp(rng.normal(0, sigma, (2, len(attn), 1)))  # one factor per sublayer keeps its curve's shape
+        return knapsack.solve(self.space, attn * scale[0], ffn * scale[1])
 
     def _guided(
         self, archs: list[Architecture], values: np.ndarray, taken: set, rng: np.random.Generator, explore: bool
     ) -> tuple[Architecture, dict]:
-        predictor = AccuracyPredictor(n_members=self.n_members, seed=self.seed).fit(self.features.table(archs), values)
         candidates = (
             [self.space.random(rng) for _ in range(self.pool_size // 2)] if explore else self._pool(archs, values, rng)
         )
         pool = [a for a in candidates if self._key(a) not in taken]
         if not pool:
-            return self._fresh([self.space.random(rng) for _ in range(50)], taken), {}
-        mean, spread = predictor.predict(self.features.table(pool))
+            return self._fresh([], taken, rng), {}
+        mean, spread = self.predict(archs, values, pool)
         best = int(np.argmin(mean - self.exploration * spread))
         return pool[best], {"predicted": float(mean[best]), "predicted_spread": float(spread[best])}
 
+    def predict(
+        self, archs: list[Architecture], values: np.ndarray, pool: list[Architecture]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(mean (P,), spread (P,)) of the metric for each pool candidate, learned from the measured pairs."""
+        predictor = AccuracyPredictor(n_members=self.n_members, seed=self.seed).fit(self.features.table(archs), values)
+        return predictor.predict(self.features.table(pool))
+
     def _pool(self, archs: Sequence[Architecture], values: np.ndarray, rng: np.random.Generator) -> list[Architecture]:
-        """40% mutations of the top quarter, 20% crossovers among it, 40% fresh random candidates
-        (so the predictor can send the search to regions no measured trial is near)."""
+        """Mutations of the top quarter (40%; with a table half of them are swaps), crossovers among it
+        (20%), fresh random candidates (40%, so the predictor can send the search to regions no measured
+        trial is near) and, with a table, 32 perturbed knapsacks."""
         elite = [archs[i] for i in np.argsort(values)[: max(2, len(archs) // 4)]]
         n = self.pool_size
-        pool = [self.space.mutate(elite[rng.integers(len(elite))], rng) for _ in range(2 * n // 5)]
+        pool = []
+        for k in range(2 * n // 5):
+            parent = elite[rng.integers(len(elite))]
+            pool.append(self.space.swap(parent, rng) if self.costs is not None and k % 2 else
+                        self.space.mutate(parent, rng))
         for _ in range(n // 5):
             i, j = rng.choice(len(elite), size=2, replace=False)
             pool.append(self.space.crossover(elite[i], elite[j], rng))
         pool += [self.space.random(rng) for _ in range(n - len(pool))]
+        if self.costs is not None:
+            pool += [self._perturbed_knapsack(rng, sigma) for sigma in np.linspace(0.1, 0.8, 32)]
         unique = {self._key(a): a for a in pool}
         return list(unique.values())
 
@@ -155,9 +194,23 @@ class PredictorSampler(BaseSampler):
                 out.append(arch)
         return out
 
-    def _fresh(self, candidates: list[Architecture], taken: set) -> Architecture:
-        for arch in candidates:
+    def _fresh(self, candidates: list[Architecture], taken: set, rng: np.random.Generator) -> Architecture:
+        """The first candidate no trial holds, else the first such of 200 random ones."""
+        more = [self.space.random(rng) for _ in range(200)]
+        for arch in candidates + more:
             if self._key(arch) not in taken:
                 return arch
         logger.warning("every generated candidate was already measured; repeating one")
-        return candidates[0]
+        return more[0]
+
+
+class AdditiveSampler(PredictorSampler):
+    """The knapsack alone, as a search: the same startup and pool, ranked by the sensitivity table's
+    additive estimate instead of a learned predictor (the rival's best guesses, in order)."""
+
+    def __init__(self, space: SearchSpace, importance: Importance, sensitivity: SensitivityTable, **kwargs):
+        super().__init__(space, importance, sensitivity, exploration=0.0, explore_every=10**9, **kwargs)
+        self.sensitivity = sensitivity
+
+    def predict(self, archs, values, pool):
+        return np.array([self.sensitivity.additive(a) for a in pool]), np.zeros(len(pool))

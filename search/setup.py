@@ -42,7 +42,8 @@ class Setup:
     tokenizer: object
     calibration: torch.Tensor  # (N, T)
     search_windows: torch.Tensor  # (M, T)
-    final_windows: torch.Tensor  # (K, T)
+    final_windows: torch.Tensor  # (K, T) evenly spread over the evaluation text; the search windows are M of them
+    held_out: torch.Tensor  # (K - M, T) the final windows no trial is measured on: what results are reported on
 
 
 def prepare(config: RunConfig) -> Setup:
@@ -62,10 +63,17 @@ def prepare(config: RunConfig) -> Setup:
         tokenizer, calibration_text, config.seq_len, config.calibration_windows, "calibration text"
     )
     final = token_windows(tokenizer, evaluation_text, config.seq_len, FINAL_EVAL_WINDOWS, "evaluation text")
-    search = final[torch.linspace(0, len(final) - 1, min(config.search_windows, len(final))).round().long()]
+    picked = torch.linspace(0, len(final) - 1, min(config.search_windows, len(final))).round().long().unique()
+    held_out = final[~torch.isin(torch.arange(len(final)), picked)]
+    if len(held_out) == 0:
+        raise DataError(
+            f"the evaluation text gives {len(final)} windows and the search measures all of them, so none is left "
+            "to report on; give more evaluation text or fewer --search-windows"
+        )
     device = default_device() if config.device == "auto" else torch.device(config.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = adapter.load_model(config.model, device, dtype)
-    return Setup(config, RunLayout(config.run_dir()), space, model, tokenizer, calibration, search, final)
+    layout = RunLayout(config.run_dir())
+    return Setup(config, layout, space, model, tokenizer, calibration, final[picked], final, held_out)
 
 

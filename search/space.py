@@ -77,6 +77,11 @@ class SearchSpace:
     def fits(self, arch: Architecture) -> bool:
         return self.lower_bound() <= arch.params() <= self.budget
 
+    def ffn_choices(self) -> np.ndarray:
+        """Every FFN width a layer may keep, ascending: 0 (dropped) or multiples of ffn_step, and the full width."""
+        width = self.spec.intermediate_size
+        return np.array(sorted({0, *range(self.ffn_step, width, self.ffn_step), width}), dtype=np.int64)
+
     def distributions(self) -> dict[str, IntDistribution]:
         top = -(-self.spec.intermediate_size // self.ffn_step) * self.ffn_step  # ceil to the step; maps to full
         out = {}
@@ -249,6 +254,37 @@ class SearchSpace:
             i = rng.integers(len(target))
             target[i] = 0.05 if target[i] == 0 else 0.0
         return self.project(attn, ffn)
+
+    def swap(self, arch: Architecture, rng: np.random.Generator, max_steps: int = 4) -> Architecture:
+        """A local move in the discrete choices: one sublayer gives up 1..max_steps of its steps (attention
+        levels or FFN widths), another takes as many; then the budget is repaired (the taker gives back
+        what is over, the fill spends what is under). Sublayers are never dropped or restored here."""
+        levels, ffn = self.indices(arch)  # (L,) each: attention level, FFN choice index
+        choices = self.ffn_choices()
+        tops = np.array([len(self.levels) - 1, len(choices) - 1])
+        donor, taker = rng.choice(2 * len(levels), size=2, replace=False)
+        steps = int(rng.integers(1, max_steps + 1))
+        for sub, sign in ((donor, -1), (taker, 1)):
+            kind, i = divmod(sub, len(levels))
+            index = levels if kind == 0 else ffn
+            if index[i] > 0:  # a dropped sublayer stays dropped
+                index[i] = np.clip(index[i] + sign * steps, 1, tops[kind])
+        kind, i = divmod(taker, len(levels))
+        index = levels if kind == 0 else ffn
+        while self._params(levels, choices[ffn]) > self.budget and index[i] > 1:
+            index[i] -= 1
+        channels = choices[ffn]
+        if self._params(levels, channels) <= self.budget:
+            self._fill(levels, channels, *self.fractions(self._architecture(levels, channels)))
+            candidate = self._architecture(levels, channels)
+            if self.fits(candidate):
+                return candidate
+        return self.project(*self.fractions(self._architecture(levels, channels)))
+
+    def indices(self, arch: Architecture) -> tuple[np.ndarray, np.ndarray]:
+        """(attention level (L,), index into ffn_choices() (L,)) of an architecture of this space."""
+        levels = np.array([self.levels.index((x.kv_heads, x.heads_per_group)) for x in arch.layers])
+        return levels, np.searchsorted(self.ffn_choices(), [x.ffn_channels for x in arch.layers])
 
     def crossover(self, a: Architecture, b: Architecture, rng: np.random.Generator) -> Architecture:
         """Each layer's attention and FFN shares from one parent or the other."""

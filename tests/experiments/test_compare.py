@@ -60,7 +60,7 @@ def test_held_out_windows_exclude_the_search_windows(tiny_model_dir):
     config = compare.run_config(["--model", str(tiny_model_dir / "model"), *search_args(tiny_model_dir)])
     assert isinstance(config, RunConfig) and config.search_windows == 4
     setup = prepare(config)
-    held = compare.held_out_windows(setup)
+    held = setup.held_out
     assert len(held) == len(setup.final_windows) - len(setup.search_windows)
     assert not (held[:, None, :] == setup.search_windows[None]).all(-1).any()
 

@@ -68,7 +68,31 @@ def test_trials_record_what_was_measured_and_predicted(finished_run):
     guided = [t for t in trials if t.system_attrs["phase"] in ("guided", "explore")]
     assert all(t.system_attrs["predicted_spread"] >= 0 and t.system_attrs["predicted"] > 0 for t in guided)
     assert all(t.user_attrs["wall_time_s"] > 0 and 0 < t.user_attrs["param_ratio"] < 1 for t in trials)
-    assert set(study.user_attrs["baselines"]) == {"base", "uniform", "threshold"}
+    assert set(study.user_attrs["baselines"]) == {"base", "uniform", "threshold", "knapsack"}
+    table = study.user_attrs["sensitivity"]
+    assert table["windows"] == 4 and table["windows_evaluated"] == (table["measurements"] + 1) * 4
+
+
+def test_the_search_starts_from_the_knapsack_and_reports_on_held_out_windows(finished_run):
+    from pruning.importance import load_or_compute
+    from pruning.masking import masked
+    from pruning.metrics import perplexity
+    from search.knapsack import knapsack
+    from search.run import sensitivity_table
+    from search.setup import prepare
+
+    study = load(finished_run)
+    config = run.RunConfig(**json.loads((finished_run / "run.json").read_text()))
+    setup = prepare(config)
+    importance = load_or_compute(setup.model, setup.calibration, config.importance, finished_run)
+    rival = knapsack(setup.space, sensitivity_table(study, setup, importance))  # read back from the cache
+    assert study.trials[0].user_attrs[ARCH_ATTR] == rival.to_json()
+    assert min(t.value for t in study.get_trials(states=(TrialState.COMPLETE,))) <= study.trials[0].value
+    summary = json.loads((finished_run / "summary.json").read_text())
+    assert summary["held_out_windows"] == len(setup.held_out) == len(setup.final_windows) - 4
+    with masked(setup.model, rival, importance):
+        assert summary["knapsack_perplexity"] == perplexity(setup.model, setup.held_out, config.batch_size)
+    assert summary["windows_evaluated"] == study.user_attrs["sensitivity"]["windows_evaluated"] + 9 * 4
 
 
 def test_rerun_resumes_without_remeasuring(finished_run, tiny_model_dir):
