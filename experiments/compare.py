@@ -9,7 +9,10 @@ For each share of parameters removed, on the same model, calibration and evaluat
 - threshold:          FLAP's allocation, one global threshold on per-layer standardised fluctuation scores;
 - threshold + bias:   the same, with FLAP's bias compensation (`pruning.compensation`);
 - Torch-Pruning:      its own LLM recipe (`experiments.torch_pruning_peer`), needs `pip install ".[bench]"`;
-- searched:           `python -m search.run` with the default sampler and --trials measured candidates;
+- sensitivity knapsack: each sublayer measured alone at each of a few sizes (`pruning.sensitivity`, on the
+                      search's sensitivity windows), one size per sublayer chosen by a knapsack (`search.knapsack`);
+- searched:           `python -m search.run` with the default sampler and --trials measured candidates, once per
+                      --seeds value;
 
 each sliced to at most the same parameter count, then given the same LoRA recovery (the
 search run's defaults: --recover-steps, rank 8, distillation from the dense model).
@@ -39,16 +42,18 @@ from pruning.architecture import Architecture
 from pruning.compensation import input_means
 from pruning.importance import compute_importance, load_or_compute
 from pruning.metrics import perplexity
+from pruning.sensitivity import Grid, measure_sensitivity
 from pruning.slicing import slice_model
 from search import run
 from search.budget import BudgetError, parse_budget
 from search.config import RunConfig, RunLayout
 from search.export import dense_teacher, recovery_settings, text_domains
+from search.knapsack import knapsack
 from search.report import write_atomic
 from search.setup import USER_ERRORS, Setup, prepare
 from search.space import SearchSpace
 
-METHODS = ("uniform", "threshold", "threshold + bias", "Torch-Pruning", "searched")
+METHODS = ("uniform", "threshold", "threshold + bias", "Torch-Pruning", "sensitivity knapsack", "searched")
 
 
 @dataclass
@@ -61,6 +66,8 @@ class Row:
     seconds: float  # to choose and cut the architecture (for "searched": its trials, first start to last end)
     measured: int  # candidates whose perplexity was measured to choose it
     note: str = ""
+    windows: int = 0  # evaluation windows measured to choose it (sensitivity table included)
+    seed: int = 0  # the search's seed (other methods are deterministic)
 
 
 @dataclass
@@ -70,6 +77,7 @@ class Context:
     setup: Setup
     held_out: torch.Tensor  # (N, T) evaluation windows no search trial was measured on
     recovery: dict  # keyword arguments of finetune.recover for every method
+    out: Path  # where results and the sensitivity table's cache go
     measured: dict = field(default_factory=dict)  # name -> (result, seconds): one calibration pass each
 
     def once(self, name: str, compute):
@@ -79,7 +87,7 @@ class Context:
         return self.measured[name]
 
 
-def build_context(config: RunConfig) -> Context:
+def build_context(config: RunConfig, out: Path) -> Context:
     setup = prepare(config)
     tokenizer, model = setup.tokenizer, setup.model
     domains = text_domains(config, tokenizer)
@@ -87,7 +95,7 @@ def build_context(config: RunConfig) -> Context:
     held_out = setup.held_out
     recovery = dict(domains=domains, config=recovery_settings(config), evaluation=EvalData(held_out),
                     reference=reference)
-    return Context(setup, held_out, recovery)
+    return Context(setup, held_out, recovery, out)
 
 
 def timed(fn):
@@ -106,10 +114,10 @@ def run_config(argv: list[str]) -> RunConfig:
     return RunConfig(**{f.name: getattr(ns, f.name) for f in fields(RunConfig)})
 
 
-def search_run(argv: list[str], removed: str, out: Path) -> RunLayout:
-    """Run (or resume) the search for this budget; its best architecture is in the run directory."""
-    layout = RunLayout(out / f"search-removed-{removed.rstrip('%')}pct")
-    argv = [*argv, "--no-export", "--out", str(layout.root)]
+def search_run(argv: list[str], removed: str, seed: int, out: Path) -> RunLayout:
+    """Run (or resume) the search for this budget and seed; its best architecture is in the run directory."""
+    layout = RunLayout(out / f"search-removed-{removed.rstrip('%')}pct-seed{seed}")
+    argv = [*argv, "--seed", str(seed), "--no-export", "--out", str(layout.root)]
     with redirect_stdout(sys.stderr):
         if run.main(argv) != 0:
             raise SystemExit(f"the search for {removed} removed failed; see above")
@@ -124,7 +132,7 @@ def search_seconds(summary: dict) -> float:
 
 
 def prune_method(method: str, ctx: Context, space: SearchSpace, layout: RunLayout):
-    """(pruned copy of the dense model, seconds, measured candidates, note) for one method."""
+    """(pruned copy of the dense model, seconds, measured candidates, note, windows measured) for one method."""
     setup = ctx.setup
     dense, calibration, batch = setup.model, setup.calibration, setup.config.batch_size
     if method == "searched":
@@ -132,12 +140,21 @@ def prune_method(method: str, ctx: Context, space: SearchSpace, layout: RunLayou
         arch = Architecture.from_json(layout.best_architecture.read_text())
         scores = load_or_compute(dense, calibration, setup.config.importance, layout.root, batch)  # the search's
         return (slice_model(copy.deepcopy(dense), arch, scores), search_seconds(summary),
-                summary["trials_complete"], f"best of {summary['trials_complete']} trials")
+                summary["trials_complete"], f"best of {summary['trials_complete']} trials",
+                summary["windows_evaluated"])
     if method == "Torch-Pruning":
         from experiments.torch_pruning_peer import prune_to_params
 
         (model, ratio, head_ratio), seconds = timed(lambda: prune_to_params(dense, space.budget))
-        return model, seconds, 0, f"width ratio {ratio:.3f}, head ratio {head_ratio:.3f}"
+        return model, seconds, 0, f"width ratio {ratio:.3f}, head ratio {head_ratio:.3f}", 0
+    if method == "sensitivity knapsack":
+        wanda, _ = ctx.once("wanda", lambda: compute_importance(dense, calibration, "wanda", batch))
+        grid = Grid.spread(space.spec, setup.config.sensitivity_points)
+        table, seconds = ctx.once("sensitivity", lambda: measure_sensitivity(
+            dense, wanda, run.table_windows(setup), grid, ("nll",), batch, ctx.out))
+        windows = (table.measurements() + 1) * table.windows
+        return (slice_model(copy.deepcopy(dense), knapsack(space, table), wanda), seconds, table.measurements(),
+                f"{table.measurements()} sublayer sizes x {table.windows} windows", windows)
     scores = "wanda" if method == "uniform" else "fluctuation"
     importance, seconds = ctx.once(scores, lambda: compute_importance(dense, calibration, scores, batch))
     means = None
@@ -148,42 +165,47 @@ def prune_method(method: str, ctx: Context, space: SearchSpace, layout: RunLayou
         spec = space.spec
         space = replace(space, budget=space.budget - 2 * spec.num_layers * spec.hidden_size)
     arch = space.uniform() if method == "uniform" else space.threshold(importance)
-    return slice_model(copy.deepcopy(dense), arch, importance, means), seconds, 0, f"{scores} scores"
+    return slice_model(copy.deepcopy(dense), arch, importance, means), seconds, 0, f"{scores} scores", 0
 
 
-def measure(method: str, removed: str, ctx: Context, space: SearchSpace, layout: RunLayout) -> Row:
-    model, seconds, measured, note = prune_method(method, ctx, space, layout)
+def measure(method: str, removed: str, ctx: Context, space: SearchSpace, layout: RunLayout | None,
+            seed: int = 0) -> Row:
+    model, seconds, measured, note, windows = prune_method(method, ctx, space, layout)
     params = sum(p.numel() for p in model.parameters())
     if params > space.budget:
         raise AssertionError(f"{method} kept {params:,} parameters, over the budget {space.budget:,}")
     model, result = recover(model, **ctx.recovery)
     return Row(removed, method, params, result.before.perplexity, result.after.perplexity, round(seconds, 1),
-               measured, note)
+               measured, note, windows, seed)
 
 
 # ---------------------------------------------------------------------------------------- report
 
 
 def table(rows: list[Row], dense_ppl: float, dense_params: int) -> str:
-    uniform = {r.removed: r for r in rows if r.method == "uniform"}
+    rivals = {(r.removed, r.method): r for r in rows if r.method in ("uniform", "sensitivity knapsack")}
 
-    def versus(r: Row, column: str) -> str:
-        u = uniform.get(r.removed)
-        return f"{getattr(r, column) / getattr(u, column) - 1:+.0%}" if u and r.method != "uniform" else ""
+    def versus(r: Row, column: str, rival: str) -> str:
+        u = rivals.get((r.removed, rival))
+        return f"{getattr(r, column) / getattr(u, column) - 1:+.1%}" if u and r.method != rival else ""
 
     lines = [
         f"Dense model: {dense_params:,} parameters, perplexity {dense_ppl:.2f}.",
         "",
-        "| removed | method | parameters | perplexity | vs uniform | + LoRA | vs uniform | seconds | measured | note |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|---|",
+        "| removed | method | parameters | perplexity | vs uniform | vs knapsack | + LoRA | vs uniform | vs knapsack "
+        "| seconds | measured | windows | note |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
     for r in rows:
+        label = f"{r.method} (seed {r.seed})" if r.method == "searched" else r.method
         if math.isnan(r.pruned):
-            lines.append(f"| {r.removed} | {r.method} | | | | | | | | {r.note} |")
+            lines.append(f"| {r.removed} | {label} | | | | | | | | | | | {r.note} |")
             continue
         lines.append(
-            f"| {r.removed} | {r.method} | {r.params:,} | {r.pruned:.2f} | {versus(r, 'pruned')} | {r.recovered:.2f} "
-            f"| {versus(r, 'recovered')} | {r.seconds:.1f} | {r.measured} | {r.note} |"
+            f"| {r.removed} | {label} | {r.params:,} | {r.pruned:.2f} | {versus(r, 'pruned', 'uniform')} "
+            f"| {versus(r, 'pruned', 'sensitivity knapsack')} | {r.recovered:.2f} "
+            f"| {versus(r, 'recovered', 'uniform')} | {versus(r, 'recovered', 'sensitivity knapsack')} "
+            f"| {r.seconds:.1f} | {r.measured} | {r.windows:,} | {r.note} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -224,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=d.model, help="(default: the shipped reference model)")
     p.add_argument("--trials", type=int, default=48, help="candidates the search measures (default: %(default)s)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="one search per seed (default: %(default)s)")
     p.add_argument("--out", default="runs/compare")
     p.add_argument("search_args", nargs=argparse.REMAINDER,
                    help="after --: python -m search.run arguments, shared by every method (data, windows, recovery)")
@@ -256,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         if saved["settings"] != settings:
             raise ValueError(f"{out} holds results made with other settings ({saved['settings']}); "
                              f"choose another --out")
-        ctx = build_context(base)
+        ctx = build_context(base, out)
     except ImportError:
         print('error: Torch-Pruning is not installed; pip install ".[bench]" or leave it out of --methods',
               file=sys.stderr)
@@ -265,24 +288,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     rows = [Row(**r) for r in saved["rows"]]
-    done = {(r.removed, r.method) for r in rows}
+    out.mkdir(parents=True, exist_ok=True)
+    done = {(r.removed, r.method, r.seed) for r in rows}
     dense_params = Architecture.full(ctx.setup.space.spec).params()
+    runs = [(m, seed) for m in args.methods for seed in (args.seeds if m == "searched" else [0])]
     for removed, budget in zip(args.removed, budgets, strict=True):
         space = replace(ctx.setup.space, budget=parse_budget(budget, dense_params))
-        layout = search_run(run_arguments(args, budget), removed, out) if "searched" in args.methods else None
-        for method in args.methods:
-            if (removed, method) in done:
+        for method, seed in runs:
+            if (removed, method, seed) in done:
                 continue
-            print(f"[compare] {removed} removed: {method}", file=sys.stderr)
+            print(f"[compare] {removed} removed: {method} (seed {seed})", file=sys.stderr)
+            layout = search_run(run_arguments(args, budget), removed, seed, out) if method == "searched" else None
             try:
-                rows.append(measure(method, removed, ctx, space, layout))
+                rows.append(measure(method, removed, ctx, space, layout, seed))
             except Exception as err:  # a peer that breaks on this model is a result too; the others go on
                 print(f"[compare] {method} failed: {err!r}", file=sys.stderr)
                 rows.append(Row(removed, method, 0, math.nan, math.nan, 0.0, 0, f"failed: {err}"[:160]))
             write_atomic(results_path, json.dumps({"settings": settings, "rows": [asdict(r) for r in rows]},
                                                   indent=1))
-    order = {(r, m): i for i, (r, m) in enumerate((r, m) for r in args.removed for m in METHODS)}
-    rows = sorted((r for r in rows if (r.removed, r.method) in order), key=lambda r: order[r.removed, r.method])
+    order = {key: i for i, key in enumerate((r, m, s) for r in args.removed for m in METHODS for s in args.seeds)}
+    rows = sorted((r for r in rows if (r.removed, r.method, r.seed) in order),
+                  key=lambda r: order[r.removed, r.method, r.seed])
     dense_ppl = perplexity(ctx.setup.model, ctx.held_out, base.batch_size)
     text = table(rows, dense_ppl, dense_params)
     write_atomic(out / "results.md", text)

@@ -169,16 +169,19 @@ def identity(setup: Setup) -> dict:
     }
 
 
+def table_windows(setup: Setup) -> torch.Tensor:
+    """(n, T) the sensitivity table's windows: `sensitivity_windows` evenly spread over the search windows."""
+    n = min(setup.config.sensitivity_windows, len(setup.search_windows))
+    return setup.search_windows[torch.linspace(0, len(setup.search_windows) - 1, n).round().long().unique()]
+
+
 def sensitivity_table(study: optuna.Study, setup: Setup, importance: Importance) -> SensitivityTable:
     """The per-sublayer table on `sensitivity_windows` of the search windows (cached in the run directory);
     its cost in windows is stored on the study."""
     c = setup.config
-    n = min(c.sensitivity_windows, len(setup.search_windows))
-    picked = torch.linspace(0, len(setup.search_windows) - 1, n).round().long().unique()
-    grid = Grid.spread(setup.space.spec, c.sensitivity_points)
     started = time.perf_counter()
-    table = measure_sensitivity(setup.model, importance, setup.search_windows[picked], grid, ("nll",),
-                                c.batch_size, setup.layout.root)
+    table = measure_sensitivity(setup.model, importance, table_windows(setup), Grid.spread(setup.space.spec,
+                                c.sensitivity_points), ("nll",), c.batch_size, setup.layout.root)
     if "sensitivity" not in study.user_attrs:
         study.set_user_attr("sensitivity", {
             "measurements": table.measurements(),

@@ -29,7 +29,7 @@ def test_every_method_on_the_same_budget_then_resume(tiny_model_dir, tmp_path, c
     saved = json.loads((out / "results.json").read_text())
     rows = {r["method"]: r for r in saved["rows"]}
     assert set(rows) == set(compare.METHODS)
-    summary = json.loads((out / "search-removed-35pct" / "summary.json").read_text())
+    summary = json.loads((out / "search-removed-35pct-seed0" / "summary.json").read_text())
     budget = summary["budget_params"]
     for r in rows.values():
         if r["method"] == "Torch-Pruning" and r["note"].startswith("failed"):
@@ -37,6 +37,9 @@ def test_every_method_on_the_same_budget_then_resume(tiny_model_dir, tmp_path, c
         assert 0.85 * budget < r["params"] <= budget, r
         assert math.isfinite(r["pruned"]) and math.isfinite(r["recovered"]), r
     assert rows["searched"]["measured"] == summary["trials_complete"] == 6
+    table_cost = rows["sensitivity knapsack"]["windows"]
+    assert table_cost == (rows["sensitivity knapsack"]["measured"] + 1) * 4  # the table reads all 4 search windows
+    assert rows["searched"]["windows"] == summary["windows_evaluated"] == table_cost + 6 * 4
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "results.md").read_text()
     assert table.count("| 35% |") == len(compare.METHODS)
