@@ -11,6 +11,9 @@
 4. For each seed: hold out the same `pool - max(n)` candidates, fit every predictor on the first
    n of a shuffled remainder, and score its ranking of the held-out ones (Kendall tau, Spearman
    rho, top-5 recall/overlap, relative error). Writes results.csv, summary.csv and summary.md.
+5. With --sensitivity-windows N (default 4): the same again on tables that carry the sensitivity
+   table's additive estimate (`FeatureBuilder(importance, table)`, rows "<name> +additive"), and
+   the additive estimate alone ("additive"): what the database's feature adds to each predictor.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from predictor.base import Predictor
-from predictor.baselines import ForestBaseline, MassProxy, RidgeBaseline
+from predictor.baselines import AdditiveBaseline, ForestBaseline, MassProxy, RidgeBaseline
 from predictor.features import FeatureBuilder
 from predictor.model import AccuracyPredictor
 from predictor.validate import evaluate_holdout
@@ -38,6 +41,7 @@ from pruning.data import read_text, token_windows
 from pruning.importance import METHODS, Importance, cache_key, load_or_compute
 from pruning.masking import masked
 from pruning.metrics import perplexity
+from pruning.sensitivity import Grid, measure_sensitivity
 from search.space import SearchSpace
 
 PREDICTORS: dict[str, Callable[[int], Predictor]] = {
@@ -63,6 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--calibration-windows", type=int, default=64)
     p.add_argument("--evaluation-windows", type=int, default=32)
+    p.add_argument("--sensitivity-windows", type=int, default=4,
+                   help="evaluation windows of the sensitivity table for the +additive rows; 0: none")
     p.add_argument("--out", default="runs/predictor_study")
     return p.parse_args(argv)
 
@@ -98,7 +104,8 @@ def measure(model, importance: Importance, pool: list[tuple[str, Architecture]],
     return done.loc[[a.to_json() for _, a in pool]].reset_index()
 
 
-def study(table: pd.DataFrame, metrics: np.ndarray, n_train: list[int], seeds: int, top_k: int) -> pd.DataFrame:
+def study(table: pd.DataFrame, metrics: np.ndarray, n_train: list[int], seeds: int, top_k: int,
+          predictors: dict[str, Callable[[int], Predictor]] = PREDICTORS) -> pd.DataFrame:
     """One row per (seed, n, predictor): its ranking of the candidates held out for that seed."""
     finite = np.flatnonzero(np.isfinite(metrics))
     held = len(finite) - max(n_train)
@@ -110,7 +117,7 @@ def study(table: pd.DataFrame, metrics: np.ndarray, n_train: list[int], seeds: i
         test = order[max(n_train):]
         for n in n_train:
             train = order[:n]
-            for name, make in PREDICTORS.items():
+            for name, make in predictors.items():
                 report = evaluate_holdout(lambda make=make, seed=seed: make(seed), table.iloc[train], metrics[train],
                                           table.iloc[test], metrics[test], top_k)
                 records.append({"seed": seed, "n": n, **report.to_dict(), "predictor": name})
@@ -163,9 +170,17 @@ def main(argv: list[str] | None = None) -> int:
           f"{full.params():,} parameters measured in {time.perf_counter() - start:.0f}s")
     print(measured.groupby("source", sort=False)["perplexity"].describe()[["count", "min", "50%", "max"]])
 
-    table = FeatureBuilder(importance).table([Architecture.from_json(a) for a in measured["arch"]])
+    archs = [Architecture.from_json(a) for a in measured["arch"]]
     metrics = measured["perplexity"].to_numpy(dtype=np.float64)
-    results = study(table, metrics, args.n_train, args.seeds, args.top_k)
+    results = study(FeatureBuilder(importance).table(archs), metrics, args.n_train, args.seeds, args.top_k)
+    if args.sensitivity_windows:
+        picked = torch.linspace(0, len(evaluation) - 1, args.sensitivity_windows).round().long().unique()
+        sensitivity = measure_sensitivity(model, importance, evaluation[picked], Grid.spread(importance.spec),
+                                          ("nll",), cache_dir=out)
+        additive = {f"{name} +additive": make for name, make in PREDICTORS.items() if not name.startswith("proxy")}
+        additive["additive"] = lambda seed: AdditiveBaseline()
+        table = FeatureBuilder(importance, sensitivity).table(archs)
+        results = pd.concat([results, study(table, metrics, args.n_train, args.seeds, args.top_k, additive)])
     summary = summarise(results)
     results.to_csv(out / "results.csv", index=False)
     summary.to_csv(out / "summary.csv", index=False)

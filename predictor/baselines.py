@@ -5,6 +5,8 @@
   metric's scale, so its ranking never depends on the pairs.
 - `RidgeBaseline`: standardised features, ridge with alpha picked by efficient leave-one-out (RidgeCV).
 - `ForestBaseline`: a random forest; its trees are the members, so it has a spread too.
+- `AdditiveBaseline`: the sensitivity table's additive estimate alone (the knapsack's objective),
+  put on the metric's scale by the base class's line; needs the ``additive_cost`` column.
 """
 
 from __future__ import annotations
@@ -63,3 +65,15 @@ class ForestBaseline(Predictor):
 
     def _predict_members(self, x: np.ndarray) -> np.ndarray:
         return np.stack([tree.predict(x) for tree in self.model_.estimators_])  # (T, N)
+
+
+class AdditiveBaseline(Predictor):
+    name = "additive"
+
+    def _fit(self, x: np.ndarray, y: np.ndarray) -> None:
+        if self.prior_ is None:
+            raise PredictorError("the table has no additive_cost column; build it with FeatureBuilder(importance, "
+                                 "sensitivity)")
+
+    def _predict_members(self, x: np.ndarray) -> np.ndarray:
+        return np.zeros((1, len(x)))  # the prediction is the base class's additive line alone

@@ -32,7 +32,7 @@ class RunConfig:
     calibration_windows: int = 64
     search_windows: int = 32  # evaluation windows each trial is measured on; the summary uses all of them
     importance: str = "wanda"
-    sensitivity_windows: int = 8  # search windows each sensitivity-table entry is measured on (at most all)
+    sensitivity_windows: int = 4  # search windows each sensitivity-table entry is measured on (at most all)
     sensitivity_points: int = 8  # kept sizes measured per sublayer
     sampler: str = "predictor"
     n_startup: int = 8

@@ -38,20 +38,7 @@ class Objective:
     batch_size: int = 8
 
     def __call__(self, trial: optuna.Trial) -> float:
-        params = {
-            name: trial.suggest_int(name, d.low, d.high, step=d.step) for name, d in self.space.distributions().items()
-        }
-        arch = self.space.from_params(params)
-        if not self.space.fits(arch):  # samplers other than ours propose off-budget points
-            arch = self.space.project(*self.space.fractions(arch))
-        trial.set_user_attr(ARCH_ATTR, arch.to_json())
-        trial.set_user_attr("params", arch.params())
-        trial.set_user_attr("param_ratio", arch.params() / Architecture.full(arch.spec).params())
-        trial.set_user_attr("worker", WORKER)
-        duplicate = _holder(trial, arch.to_json())
-        if duplicate is not None:
-            raise optuna.TrialPruned(f"architecture already held by trial {duplicate}")
-        return self.measure(trial, arch)
+        return self.measure(trial, propose(trial, self.space))
 
     def measure(self, trial: optuna.Trial, arch: Architecture) -> float:
         start = time.perf_counter()
@@ -67,6 +54,22 @@ class Objective:
             trial.set_user_attr("error", f"non-finite perplexity {value}")
             return math.nan
         return value
+
+
+def propose(trial: optuna.Trial, space: SearchSpace) -> Architecture:
+    """The trial's architecture on the budget, written to the trial; `TrialPruned` when another trial holds it."""
+    params = {name: trial.suggest_int(name, d.low, d.high, step=d.step) for name, d in space.distributions().items()}
+    arch = space.from_params(params)
+    if not space.fits(arch):  # samplers other than ours propose off-budget points
+        arch = space.project(*space.fractions(arch))
+    trial.set_user_attr(ARCH_ATTR, arch.to_json())
+    trial.set_user_attr("params", arch.params())
+    trial.set_user_attr("param_ratio", arch.params() / Architecture.full(arch.spec).params())
+    trial.set_user_attr("worker", WORKER)
+    duplicate = _holder(trial, arch.to_json())
+    if duplicate is not None:
+        raise optuna.TrialPruned(f"architecture already held by trial {duplicate}")
+    return arch
 
 
 def _holder(trial: optuna.Trial, arch_json: str) -> int | None:
