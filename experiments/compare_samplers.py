@@ -1,17 +1,19 @@
-"""Sampler comparison at equal numbers of measured trials, on the reference model.
+"""Samplers at equal cost: best-so-far against evaluation windows measured, on the reference model.
 
-    python -m experiments.compare_samplers [--budget 60%] [--trials 24 48] [--seeds 0 1 2]
-        [--samplers predictor tpe gp random] [--out runs/compare_samplers]
+    python -m experiments.compare_samplers [--budget 50%] [--windows 1536] [--seeds 0 1 2]
+        [--samplers predictor knapsack tpe random] [--out runs/compare_samplers]
 
-Each (sampler, seed) is one `search.run` with max(--trials) trials; the best value among its
-first n trials gives the column for n. Values are the search objective (perplexity on the
-run's search windows); the uniform and importance-threshold baselines are measured on the same
-windows. Writes results.csv and results.md to --out and prints the table.
+Each (sampler, seed) is one `search.run` whose trials fill --windows evaluation windows: the
+samplers that start from the sensitivity table pay for it first (its windows count), the others
+spend everything on trials. Values are the search objective (perplexity on the run's search
+windows); the best candidate of each run is also measured on the held-out windows no trial saw.
+Writes results.csv, results.md and curves.png to --out and prints the table.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -20,61 +22,96 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-from pruning.importance import load_or_compute
-from pruning.masking import masked
-from pruning.metrics import perplexity
+from pruning import adapter
+from pruning.sensitivity import Grid
 from search import run
-from search.config import RunConfig
-from search.setup import prepare
+from search.config import TABLE_SAMPLERS, RunConfig
+from search.report import write_atomic
 
 
-def best_within(study: optuna.Study, n: int) -> float:
-    values = [t.value for t in study.trials[:n] if t.state == TrialState.COMPLETE and np.isfinite(t.value)]
-    return min(values) if values else float("nan")
+def table_cost(config: RunConfig) -> int:
+    """Windows the sensitivity table costs: each grid option and the dense pass, on its windows."""
+    spec = adapter.spec_from_config(adapter.load_config(config.model), config.model)
+    options = len(Grid.spread(spec, config.sensitivity_points).options(spec))
+    return (options + 1) * min(config.sensitivity_windows, config.search_windows)
 
 
-def baseline_rows(budget: str, search_windows: int, out: Path) -> list[dict]:
-    setup = prepare(RunConfig(budget=budget, search_windows=search_windows, out=str(out / "baselines")))
-    importance = load_or_compute(setup.model, setup.calibration, "wanda", out)
-    rows = []
-    for name, arch in (("uniform", setup.space.uniform()), ("importance threshold", setup.space.threshold(importance))):
-        with masked(setup.model, arch, importance):
-            rows.append({"method": name, "value": perplexity(setup.model, setup.search_windows)})
-    return rows
+def curve(study: optuna.Study, start: int, per_trial: int) -> pd.DataFrame:
+    """Best-so-far value after each finished trial, against the windows measured by then."""
+    values = [t.value if t.state == TrialState.COMPLETE and np.isfinite(t.value) else np.inf for t in study.trials]
+    best = np.minimum.accumulate(values)
+    return pd.DataFrame({"trial": np.arange(1, len(values) + 1), "windows": start + per_trial * np.arange(
+        1, len(values) + 1), "best": best})
+
+
+def plot(curves: pd.DataFrame, rivals: dict[str, float], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for (sampler, seed), group in curves.groupby(["sampler", "seed"]):
+        color = f"C{sorted(curves['sampler'].unique()).index(sampler)}"
+        ax.step(group["windows"], group["best"], where="post", color=color, alpha=0.8,
+                label=sampler if seed == curves["seed"].min() else None)
+    for i, (name, value) in enumerate(rivals.items()):
+        ax.axhline(value, color="grey", linestyle=("--", ":")[i % 2], linewidth=1, label=name)
+    ax.set(xlabel="evaluation windows measured (sensitivity table included)",
+           ylabel="best perplexity so far (search windows)", title=title, yscale="log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--budget", default="60%")
-    p.add_argument("--trials", type=int, nargs="+", default=[24, 48])
+    p.add_argument("--budget", default="50%")
+    p.add_argument("--windows", type=int, default=48 * 32, help="evaluation windows per run (default: 48 trials x 32)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--samplers", nargs="+", default=["predictor", "tpe", "gp", "random"])
-    p.add_argument("--search-windows", type=int, default=16, help="evaluation windows each trial is measured on")
+    p.add_argument("--samplers", nargs="+", default=["predictor", "knapsack", "tpe", "random"])
     p.add_argument("--out", default="runs/compare_samplers")
     args = p.parse_args(argv)
     out = Path(args.out)
-    records = []
-    for sampler in args.samplers:
-        for seed in args.seeds:
+    per_trial, cost = RunConfig().search_windows, table_cost(RunConfig())
+    curves, finals = [], []
+    for seed in args.seeds:
+        for sampler in args.samplers:
+            start = cost if sampler in TABLE_SAMPLERS else 0
+            trials = (args.windows - start) // per_trial
             run_dir = out / f"{sampler}-seed{seed}"
-            code = run.main(["--budget", args.budget, "--trials", str(max(args.trials)), "--sampler", sampler,
-                             "--seed", str(seed), "--search-windows", str(args.search_windows), "--no-export",
-                             "--out", str(run_dir)])
+            code = run.main(["--budget", args.budget, "--trials", str(trials), "--sampler", sampler, "--seed",
+                             str(seed), "--no-export", "--out", str(run_dir)])
             if code != 0:
                 print(f"run {run_dir} failed with exit code {code}", file=sys.stderr)
                 return code
             study = optuna.load_study(study_name=run_dir.name, storage=f"sqlite:///{run_dir}/study.db")
-            for n in args.trials:
-                records.append({"method": sampler, "seed": seed, "trials": n, "value": best_within(study, n)})
-    table = pd.DataFrame(records)
-    summary = table.groupby(["method", "trials"])["value"].agg(["mean", "std", "min"]).unstack("trials")
-    summary.columns = [f"{stat} @{n}" for stat, n in summary.columns]
-    baselines = pd.DataFrame(baseline_rows(args.budget, args.search_windows, out)).set_index("method")
+            assert start == study.user_attrs.get("sensitivity", {}).get("windows_evaluated", 0)
+            c = curve(study, start, per_trial).assign(sampler=sampler, seed=seed)
+            curves.append(c)
+            summary = json.loads((run_dir / "summary.json").read_text())
+            at24 = c["best"].iloc[min(24, len(c)) - 1]
+            finals.append({"sampler": sampler, "seed": seed, "trials": trials, "windows": int(c["windows"].iloc[-1]),
+                           "best (search windows)": c["best"].iloc[-1], "best after 24 trials": at24,
+                           "24 within 5% of final": at24 <= 1.05 * c["best"].iloc[-1],
+                           "best (held-out)": summary["best_perplexity"],
+                           "knapsack (held-out)": summary["knapsack_perplexity"]})
+    curves, finals = pd.concat(curves), pd.DataFrame(finals)
     out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "results.csv", index=False)
-    text = (f"Best perplexity found (search windows), budget {args.budget}, seeds {args.seeds}\n\n"
-            f"{summary.round(3).to_markdown()}\n\nBaselines (same windows):\n\n{baselines.round(3).to_markdown()}\n")
-    (out / "results.md").write_text(text)
+    curves.to_csv(out / "curves.csv", index=False)
+    finals.to_csv(out / "results.csv", index=False)
+    first = optuna.load_study(study_name=f"{args.samplers[0]}-seed{args.seeds[0]}",
+                              storage=f"sqlite:///{out}/{args.samplers[0]}-seed{args.seeds[0]}/study.db")
+    knapsack_value = first.trials[0].value if args.samplers[0] in TABLE_SAMPLERS else None
+    rivals = {"uniform (held-out)": first.user_attrs["baselines"]["uniform"]}
+    if knapsack_value is not None:
+        rivals = {"sensitivity knapsack (search windows)": knapsack_value}
+    plot(curves, rivals, out / "curves.png", f"best so far at {args.budget} kept, seeds {args.seeds}")
+    text = (f"Budget {args.budget} kept, {args.windows} evaluation windows per run\n\n"
+            f"{finals.round(2).to_markdown(index=False)}\n")
+    write_atomic(out / "results.md", text)
     print(text)
     return 0
 

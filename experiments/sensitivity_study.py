@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             row = {"loss": loss, "windows": n, "database windows": sub.measurements() * n}
             for removed in REMOVED:
                 archs, values = candidates[removed]
-                row[f"tau {removed}"] = kendalltau([sub.additive(a) for a in archs], values).statistic
+                row[f"tau {removed}"] = kendalltau(sub.additive(archs), values).statistic
                 with masked(model, knapsack(spaces[removed], sub), importance):
                     row[f"knapsack held-out {removed}"] = perplexity(model, setup.held_out, batch)
             rows.append(row)

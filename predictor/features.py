@@ -115,7 +115,7 @@ class FeatureBuilder:
             "ffn_dropped_count": (ch == 0).sum(1),
         }
         if self.sensitivity is not None:
-            summary[ADDITIVE] = np.array([self.sensitivity.additive(a) for a in archs])
+            summary[ADDITIVE] = self.sensitivity.additive(archs)
         data = np.column_stack(
             [summary[c] for c in self.columns[: -len(LAYER_KINDS) * n_layers]] + [per_layer[k] for k in LAYER_KINDS]
         ).astype(np.float64)  # (N, F)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -108,18 +109,30 @@ class SensitivityTable:
         cost = np.append(rise.mean(-1), 0.0)  # the full size costs nothing
         return np.array(x, dtype=float), np.maximum.accumulate(cost[::-1])[::-1]
 
+    @cached_property
+    def _curves(self) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
+        return {kind: [self._curve(kind, i) for i in range(self.spec.num_layers)] for kind in ("attention", "ffn")}
+
     def attention_cost(self, layer: int, kv_heads: int, heads_per_group: int) -> float:
-        x, cost = self._curve("attention", layer)
+        x, cost = self._curves["attention"][layer]
         return float(np.interp(self.spec.attention_params(kv_heads, heads_per_group), x, cost))
 
     def ffn_cost(self, layer: int, channels: int) -> float:
-        x, cost = self._curve("ffn", layer)
+        x, cost = self._curves["ffn"][layer]
         return float(np.interp(self.spec.mlp_params(channels), x, cost))
 
-    def additive(self, arch: Architecture) -> float:
-        """sum over sublayers of their cost: the estimated rise of the loss for `arch`."""
-        return sum(self.attention_cost(i, x.kv_heads, x.heads_per_group) + self.ffn_cost(i, x.ffn_channels)
-                   for i, x in enumerate(arch.layers))
+    def additive(self, archs: list[Architecture]) -> np.ndarray:
+        """(N,) sum over sublayers of their cost: the estimated rise of the loss for each architecture."""
+        s = self.spec
+        if not archs:
+            return np.zeros(0)
+        attn = np.array([[s.attention_params(x.kv_heads, x.heads_per_group) for x in a.layers] for a in archs])
+        mlp = np.array([[s.mlp_params(x.ffn_channels) for x in a.layers] for a in archs])
+        total = np.zeros(len(archs))
+        for i in range(s.num_layers):  # each (N,): interpolate every architecture's layer i at once
+            total += np.interp(attn[:, i], *self._curves["attention"][i])
+            total += np.interp(mlp[:, i], *self._curves["ffn"][i])
+        return total
 
 
 def measure_sensitivity(

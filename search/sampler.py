@@ -33,6 +33,7 @@ import optuna
 from optuna.distributions import BaseDistribution
 from optuna.samplers import BaseSampler, RandomSampler
 from optuna.trial import FrozenTrial, TrialState
+from sklearn.linear_model import RidgeCV
 
 from predictor.features import FeatureBuilder
 from predictor.model import AccuracyPredictor
@@ -101,7 +102,9 @@ class PredictorSampler(BaseSampler):
         if len(archs) < self.n_startup:
             arch, phase, note = self._startup(len(archs), taken, rng), "startup", {}
         else:
-            explore = (len(archs) - self.n_startup) % self.explore_every == self.explore_every - 1
+            # with a table, the tilted and perturbed knapsacks give the pool its spread: no blind exploration
+            due = (len(archs) - self.n_startup) % self.explore_every == self.explore_every - 1
+            explore = due and self.costs is None
             arch, note = self._guided(archs, values, taken, rng, explore)
             phase = "explore" if explore else "guided"
         storage = study._storage
@@ -115,27 +118,62 @@ class PredictorSampler(BaseSampler):
 
     # ---- phases --------------------------------------------------------------------------------
     def _startup(self, n_measured: int, taken: set, rng: np.random.Generator) -> Architecture:
-        if self.costs is not None:
-            fixed = [knapsack.solve(self.space, *self.costs)]
-        else:
-            fixed = [self.space.uniform(), self.space.threshold(self.importance)]
+        if self.costs is not None:  # the knapsack, then tilted knapsacks: the axes first, then the rest in seeded order
+            tilted = self._tilted()
+            order = np.random.default_rng(self.seed).permutation(np.arange(4, len(tilted)))
+            return self._fresh([tilted[i] for i in (0, 1, 2, 3, 4, *order)], taken, rng)
+        fixed = [self.space.uniform(), self.space.threshold(self.importance)]
         for arch in fixed[n_measured:]:
             if self._key(arch) not in taken:
                 return arch
         k = n_measured - len(fixed)
-        if self.costs is not None and k % 2 == 0:  # every other startup: another near-optimal additive allocation
-            perturbed = [self._perturbed_knapsack(rng, sigma) for sigma in (0.3, 0.5, 0.8, 1.2, 2.0)]
-            return self._fresh(perturbed, taken, rng)
         # the k-th random startup draws its split from the k-th of n equal strata, in a seeded order
         n = max(self.n_startup - len(fixed), 1)
         stratum = np.random.default_rng(self.seed).permutation(n)[k % n]
         return self._fresh([self.space.random(rng, split=(stratum + rng.uniform()) / n) for _ in range(20)], taken, rng)
 
-    def _perturbed_knapsack(self, rng: np.random.Generator, sigma: float = 0.5) -> Architecture:
+    def _perturbed_knapsack(
+        self, rng: np.random.Generator, sigma: float, costs: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> Architecture:
         """The knapsack with each sublayer's costs scaled by its own log-normal factor."""
-        attn, ffn = self.costs
+        attn, ffn = costs or self.costs
         scale = np.exp(rng.normal(0, sigma, (2, len(attn), 1)))  # one factor per sublayer keeps its curve's shape
         return knapsack.solve(self.space, attn * scale[0], ffn * scale[1])
+
+    def _tilted(self) -> list[Architecture]:
+        """Knapsacks whose costs lean with depth and between attention and FFN, the two directions in which
+        errors compound most (early layers feed all later ones; attention and FFN interact):
+
+            cost'[i] = cost[i] * exp(depth * (i / (L-1) - 1/2) +/- split / 2)      (+ attention, - FFN)
+
+        for depth, split in a 5 x 5 grid; first the knapsack itself (0, 0), then the four axes' ends."""
+        if not hasattr(self, "_tilted_cache"):
+            attn, ffn = self.costs
+            position = np.linspace(-0.5, 0.5, len(attn))[:, None]  # (L, 1)
+            grid = [(0, 0), (2, 0), (-2, 0), (0, 1.5), (0, -1.5)]
+            grid += [(d, t) for d in (-2, -1, 0, 1, 2) for t in (-1.5, -0.75, 0, 0.75, 1.5) if (d, t) not in grid]
+            self._tilted_cache = [knapsack.solve(self.space, attn * np.exp(d * position + t / 2),
+                                                 ffn * np.exp(d * position - t / 2)) for d, t in grid]
+        return self._tilted_cache
+
+    def _corrected_costs(self, archs: list[Architecture], values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The table's costs with one factor per sublayer fitted to the measured pairs:
+
+            log(metric) ~ a + sum_s w_s cost_s(arch),   w = b (1 + delta),  delta by ridge toward 0
+
+        where a + b * sum_s cost_s is the least-squares line. A sublayer whose cost the table under-estimates
+        in the pruned context gets w_s > b, and the knapsack re-solved on w * cost spares it."""
+        attn, ffn = self.costs
+        n_layers, rows = len(attn), np.arange(len(attn))
+        per_sublayer = np.array([np.concatenate([attn[rows, lv], ffn[rows, f]])
+                                 for lv, f in (self.space.indices(a) for a in archs)])  # (n, 2L)
+        y = np.log(values)
+        total = per_sublayer.sum(1)
+        b = max(np.polyfit(total, y, 1)[0], 1e-3) if np.ptp(total) > 0 else 1.0
+        residual = y - y.mean() - b * (total - total.mean())
+        ridge = RidgeCV(alphas=np.logspace(-4, 1, 11)).fit(per_sublayer * b, residual)
+        w = b * np.clip(1 + ridge.coef_, 0.1, None)  # (2L,)
+        return attn * w[:n_layers, None], ffn * w[n_layers:, None]
 
     def _guided(
         self, archs: list[Architecture], values: np.ndarray, taken: set, rng: np.random.Generator, explore: bool
@@ -160,7 +198,8 @@ class PredictorSampler(BaseSampler):
     def _pool(self, archs: Sequence[Architecture], values: np.ndarray, rng: np.random.Generator) -> list[Architecture]:
         """Mutations of the top quarter (40%; with a table half of them are swaps), crossovers among it
         (20%), fresh random candidates (40%, so the predictor can send the search to regions no measured
-        trial is near) and, with a table, 32 perturbed knapsacks."""
+        trial is near) and, with a table, the tilted knapsacks, the knapsack re-solved on costs corrected by the
+        measured pairs and 3 perturbations of it (HiGHS takes ~0.3 s for each solve)."""
         elite = [archs[i] for i in np.argsort(values)[: max(2, len(archs) // 4)]]
         n = self.pool_size
         pool = []
@@ -173,7 +212,9 @@ class PredictorSampler(BaseSampler):
             pool.append(self.space.crossover(elite[i], elite[j], rng))
         pool += [self.space.random(rng) for _ in range(n - len(pool))]
         if self.costs is not None:
-            pool += [self._perturbed_knapsack(rng, sigma) for sigma in np.linspace(0.1, 0.8, 32)]
+            corrected = self._corrected_costs(list(archs), values)
+            pool += [knapsack.solve(self.space, *corrected), *self._tilted()]
+            pool += [self._perturbed_knapsack(rng, sigma, corrected) for sigma in (0.1, 0.2, 0.4)]
         unique = {self._key(a): a for a in pool}
         return list(unique.values())
 
@@ -209,8 +250,8 @@ class AdditiveSampler(PredictorSampler):
     additive estimate instead of a learned predictor (the rival's best guesses, in order)."""
 
     def __init__(self, space: SearchSpace, importance: Importance, sensitivity: SensitivityTable, **kwargs):
-        super().__init__(space, importance, sensitivity, exploration=0.0, explore_every=10**9, **kwargs)
+        super().__init__(space, importance, sensitivity, exploration=0.0, **kwargs)
         self.sensitivity = sensitivity
 
     def predict(self, archs, values, pool):
-        return np.array([self.sensitivity.additive(a) for a in pool]), np.zeros(len(pool))
+        return self.sensitivity.additive(pool), np.zeros(len(pool))
