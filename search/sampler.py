@@ -1,24 +1,24 @@
 """The predictor-guided sampler: measure a few candidates, learn, propose the most promising next.
 
 With a sensitivity table (`pruning.sensitivity`, the default in `search.run`) the search starts
-where the rival ends: its first trial is the sensitivity knapsack, the predictor learns the
-residual of the table's additive estimate (`predictor.base`), and the pool also holds knapsacks
-re-solved with each sublayer's costs scaled by random factors (other near-optimal additive
-allocations) and swaps (`SearchSpace.swap`) of the best. The knapsack is measured first, so the
-search never returns anything worse on the search windows.
+where the rival ends. Its first trial is the sensitivity knapsack, so it never returns anything
+worse on the search windows. The predictor learns the residual of the table's additive estimate
+(`predictor.base`). Its candidates include knapsacks re-solved on transformed costs: tilted over
+depth and between attention and FFN (`_tilted`), and corrected per sublayer by the measured pairs
+(`_corrected_costs`), where the additive estimate goes wrong in the pruned context.
 
 Each `ask` (Optuna's relative sampling) does:
-    startup (fewer than `n_startup` finished trials): the knapsack (with a table) or uniform and
-            importance-threshold, then perturbed knapsacks and random allocations whose
+    startup (fewer than `n_startup` finished trials): with a table, the knapsack and then tilted
+            knapsacks; without one, uniform, importance-threshold, then random allocations whose
             attention/FFN splits are stratified over [0, 1], so the startup pairs span the main
             trade-off whatever the seed
     guided: fit the accuracy predictor on the finished trials -> generate a pool of candidates
-            (mutations and swaps of the best, crossovers of good pairs, perturbed knapsacks,
-            fresh random ones) -> score each by the
-            lower confidence bound  mean - exploration * spread  (the metric is minimised) -> propose
-            the best one that no finished or running trial already holds. Every `explore_every`-th
-            guided trial chooses among the fresh random candidates only: the ensemble's spread is
-            small far from the data, so without these trials the search can settle on a local optimum.
+            (mutations and swaps of the best, crossovers of good pairs, fresh random ones, and with a
+            table the tilted and corrected knapsacks) -> score each by the lower confidence bound
+            mean - exploration * spread  (the metric is minimised) -> propose the best one that no
+            finished or running trial already holds. Without a table, every `explore_every`-th guided
+            trial chooses among fresh random candidates only: the ensemble's spread is small far from
+            the data, so without these trials the search can settle on a local optimum.
 The prediction made for the proposed candidate is written to the trial before it is measured, so
 prediction quality over the run can be judged afterwards.
 """
