@@ -3,6 +3,8 @@
     python -m experiments.compare --removed 20% 35% 50% [--model DIR] [--trials 48] [--out runs/compare]
                                   [-- search.run arguments, e.g. --seq-len 128 --recover-steps 200]
 
+`-- --recover-steps 0` compares before recovery only (the + LoRA columns stay empty).
+
 For each share of parameters removed, on the same model, calibration and evaluation text:
 
 - uniform:            the same ratio in every layer (LLM-Pruner's and Torch-Pruning's default), Wanda units;
@@ -76,7 +78,7 @@ class Context:
 
     setup: Setup
     held_out: torch.Tensor  # (N, T) evaluation windows no search trial was measured on
-    recovery: dict  # keyword arguments of finetune.recover for every method
+    recovery: dict | None  # keyword arguments of finetune.recover for every method; None: --recover-steps 0
     out: Path  # where results and the sensitivity table's cache go
     measured: dict = field(default_factory=dict)  # name -> (result, seconds): one calibration pass each
 
@@ -94,7 +96,7 @@ def build_context(config: RunConfig, out: Path) -> Context:
     reference = dense_teacher(model, config, domains)
     held_out = setup.held_out
     recovery = dict(domains=domains, config=recovery_settings(config), evaluation=EvalData(held_out),
-                    reference=reference)
+                    reference=reference) if config.recover_steps > 0 else None
     return Context(setup, held_out, recovery, out)
 
 
@@ -174,9 +176,12 @@ def measure(method: str, removed: str, ctx: Context, space: SearchSpace, layout:
     params = sum(p.numel() for p in model.parameters())
     if params > space.budget:
         raise AssertionError(f"{method} kept {params:,} parameters, over the budget {space.budget:,}")
-    model, result = recover(model, **ctx.recovery)
-    return Row(removed, method, params, result.before.perplexity, result.after.perplexity, round(seconds, 1),
-               measured, note, windows, seed)
+    if ctx.recovery is None:
+        pruned, recovered = perplexity(model, ctx.held_out, ctx.setup.config.batch_size), math.nan
+    else:
+        model, result = recover(model, **ctx.recovery)
+        pruned, recovered = result.before.perplexity, result.after.perplexity
+    return Row(removed, method, params, pruned, recovered, round(seconds, 1), measured, note, windows, seed)
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -187,7 +192,9 @@ def table(rows: list[Row], dense_ppl: float, dense_params: int) -> str:
 
     def versus(r: Row, column: str, rival: str) -> str:
         u = rivals.get((r.removed, rival))
-        return f"{getattr(r, column) / getattr(u, column) - 1:+.1%}" if u and r.method != rival else ""
+        if not u or r.method == rival or math.isnan(getattr(r, column)):
+            return ""
+        return f"{getattr(r, column) / getattr(u, column) - 1:+.1%}"
 
     lines = [
         f"Dense model: {dense_params:,} parameters, perplexity {dense_ppl:.2f}.",
@@ -201,9 +208,10 @@ def table(rows: list[Row], dense_ppl: float, dense_params: int) -> str:
         if math.isnan(r.pruned):
             lines.append(f"| {r.removed} | {label} | | | | | | | | | | | {r.note} |")
             continue
+        recovered = "" if math.isnan(r.recovered) else f"{r.recovered:.2f}"
         lines.append(
             f"| {r.removed} | {label} | {r.params:,} | {r.pruned:.2f} | {versus(r, 'pruned', 'uniform')} "
-            f"| {versus(r, 'pruned', 'sensitivity knapsack')} | {r.recovered:.2f} "
+            f"| {versus(r, 'pruned', 'sensitivity knapsack')} | {recovered} "
             f"| {versus(r, 'recovered', 'uniform')} | {versus(r, 'recovered', 'sensitivity knapsack')} "
             f"| {r.seconds:.1f} | {r.measured} | {r.windows:,} | {r.note} |"
         )
@@ -221,7 +229,7 @@ def plot(rows: list[Row], dense_ppl: float, path: Path, title: str) -> None:
                                 strict=True):
         for method in METHODS:
             points = sorted((r.params / 1e6, getattr(r, column)) for r in rows
-                            if r.method == method and not math.isnan(r.pruned))
+                            if r.method == method and not math.isnan(getattr(r, column)))
             if points:
                 ax.plot(*zip(*points, strict=True), marker="o", label=method)
         ax.axhline(dense_ppl, color="grey", linestyle="--", linewidth=1, label="dense")
