@@ -13,9 +13,10 @@ FAMILIES = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config
 
 
 def tiny_config(family: str = "llama", tie: bool = False, **overrides):
+    """Shaped as the hub ships configs: no `head_dim` (Qwen2Config then has none; heads are 48 / 6 = 8 wide)."""
     kwargs = dict(
         vocab_size=97, hidden_size=48, intermediate_size=40, num_hidden_layers=3,
-        num_attention_heads=6, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64,
         tie_word_embeddings=tie,
     )
     kwargs.update(overrides)

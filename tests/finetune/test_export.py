@@ -115,7 +115,7 @@ def round_trip(tmp_path_factory):
     script, spec = root / "check.py", root / "cases.json"
     script.write_text(CHECK)
     spec.write_text(json.dumps(cases))
-    site_dirs = [p for p in site.getsitepackages() if "work/main" not in p]
+    site_dirs = site.getsitepackages()  # -S: no .pth files, so no editable install of this project
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(root / "hf"), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-I", "-S", str(script), json.dumps(site_dirs), str(spec)],
                          cwd=root, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
@@ -161,6 +161,7 @@ def test_layout_matches_uniformity(name, round_trip):
             arch.layers[0].kv_heads, arch.layers[0].query_heads, arch.layers[0].ffn_channels)
     else:
         assert config["model_type"] == f"pruned_{arch.spec.family}"
+        assert config["head_dim"] == arch.spec.head_dim  # written out even where the hub config has none
         assert config["layer_shapes"] == [
             {"kv_heads": x.kv_heads, "heads_per_group": x.heads_per_group, "ffn_channels": x.ffn_channels}
             for x in arch.layers
