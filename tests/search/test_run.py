@@ -4,6 +4,7 @@ import json
 
 import optuna
 import pytest
+import torch
 from optuna.trial import TrialState
 
 from pruning.architecture import Architecture
@@ -92,6 +93,13 @@ def test_mismatched_study_is_refused(finished_run, tiny_model_dir, capsys):
         (["--budget", "1K"], "raise the budget"),
         (["--sampler", "anneal"], "unknown sampler 'anneal'"),
         (["--storage", "postgresql://nobody@127.0.0.1:1/none"], "cannot open storage"),
+        pytest.param(["--device", "cuda"], "sees no CUDA GPU; give --device cpu",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+        (["--device", "cuda:x"], "not a device name"),
+        (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+        (["--ffn-step", "0"], "--ffn-step must be at least 1, got 0"),
+        (["--ffn-step", "100000"], "--ffn-step must be in 1..40 (the model's FFN width), got 100000"),
+        (["--seq-len", "65"], "--seq-len 65 is beyond the 64 positions"),
     ],
 )
 def test_bad_input_exits_2_and_writes_nothing(tiny_model_dir, tmp_path, capsys, extra, message):
