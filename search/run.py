@@ -20,7 +20,6 @@ import warnings
 from dataclasses import fields, replace
 
 import optuna
-from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
@@ -37,9 +36,15 @@ from search.report import RunSummary, best_trial, own_kendall, publish, write_at
 from search.sampler import PredictorSampler, measured, trial_architecture
 from search.setup import FINAL_EVAL_WINDOWS, USER_ERRORS, Setup, prepare
 from search.space import SearchSpace
-from search.study import count_trials, open_storage, open_study, retry_dead_workers
-
-FINISHED = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
+from search.study import (
+    StopAfterMeasurements,
+    count_measurements,
+    count_trials,
+    is_measurement,
+    open_storage,
+    open_study,
+    retry_dead_workers,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,23 +162,22 @@ def baselines(study: optuna.Study, setup: Setup, importance: Importance) -> dict
 
 def search(study: optuna.Study, setup: Setup, importance: Importance) -> None:
     c = setup.config
-    remaining = c.trials - count_trials(study, *FINISHED)
+    remaining = c.trials - count_measurements(study)
     if remaining <= 0:
         return
     objective = Objective(setup.model, importance, setup.space, setup.search_windows, c.batch_size)
     bar = tqdm(total=c.trials, initial=c.trials - remaining, desc="trials", unit="trial")
 
     def progress(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        bar.update(1)
+        bar.update(int(is_measurement(trial)))
         _, values = measured(study)
         if len(values):
             bar.set_postfix(best=f"{values.min():.3f}", last=f"{trial.value:.3f}" if trial.value else trial.state.name)
 
     try:
-        study.optimize(
+        study.optimize(  # until the study holds c.trials measurements, whichever worker makes them
             objective,
-            n_trials=remaining,
-            callbacks=[progress, MaxTrialsCallback(c.trials, states=FINISHED)],
+            callbacks=[progress, StopAfterMeasurements(c.trials)],
             gc_after_trial=False,
         )
     finally:
@@ -201,7 +205,7 @@ def finish(study: optuna.Study, setup: Setup, importance: Importance, started: f
         best_params=arch.params(),
         best_trial=best.number,
         trials_complete=count_trials(study, TrialState.COMPLETE),
-        trials_failed=count_trials(study, TrialState.FAIL),
+        trials_failed=sum(t.state == TrialState.FAIL and is_measurement(t) for t in study.trials),
         base_perplexity=base["base"],
         uniform_perplexity=base["uniform"],
         threshold_perplexity=base["threshold"],

@@ -135,8 +135,8 @@ def test_interrupt_keeps_finished_trials_and_says_how_to_resume(tiny_model_dir, 
     monkeypatch.setattr(Objective, "measure", measure)
     assert run.main(command) == 0
     trials = load(out).trials
-    assert [t.state for t in trials[:2]] == [TrialState.COMPLETE] * 2
-    assert sum(t.state == TrialState.COMPLETE for t in trials) == 5
+    assert [t.state for t in trials[:3]] == [TrialState.COMPLETE] * 2 + [TrialState.FAIL]
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 6  # the interrupted trial is not a measurement
 
 
 @pytest.mark.parametrize("sampler", ["tpe", "cmaes", "gp"])
