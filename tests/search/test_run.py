@@ -51,8 +51,14 @@ def test_run_exports_the_recovered_best_model(finished_run):
     summary = json.loads((finished_run / "summary.json").read_text())
     recovery = summary["recovery"]
     assert recovery["export"] == str(finished_run / "model")
-    assert set(recovery) >= {"dense", "pruned", "recovered"}
+    assert set(recovery) >= {"dense", "pruned", "recovered", "selected_step", "validation"}
+    steps, ppls = zip(*recovery["validation"], strict=True)
+    assert steps == (0, 1, 2, 3)  # the sliced model, then every step of three
+    assert recovery["selected_step"] == steps[ppls.index(min(ppls))]
     assert recovery["recovered"]["perplexity"] > 0
+    markdown = (finished_run / "summary.md").read_text()
+    assert f"after 3 LoRA steps (step {recovery['selected_step']} kept, best on the search windows)" in markdown
+    assert markdown.count("**Warning**") == len(recovery.get("notes", []))
     model = AutoModelForCausalLM.from_pretrained(finished_run / "model", trust_remote_code=True)
     assert sum(p.numel() for p in model.parameters()) == summary["best_params"]
     assert load(finished_run).user_attrs["recovery"] == recovery
@@ -147,6 +153,18 @@ def test_peer_samplers_search_the_same_space(tiny_model_dir, tmp_path, sampler):
         arch = Architecture.from_json(t.user_attrs[ARCH_ATTR])
         assert 0.995 * load(out).user_attrs["identity"]["budget"] <= arch.params()
 
+
+
+def test_recovery_notes_say_when_the_export_is_not_better():
+    from finetune.evaluate import Evaluation
+    from search.export import recovery_notes
+
+    assert recovery_notes(Evaluation(20.0), Evaluation(18.0), 40) == {}
+    assert recovery_notes(Evaluation(20.0), Evaluation(20.0), 0) == {"notes": [
+        "no recovery step lowered the search windows' perplexity: the sliced model is exported untuned"]}
+    worse = recovery_notes(Evaluation(133.3), Evaluation(155.3), 20)["notes"]
+    assert len(worse) == 1 and worse[0].startswith("held-out perplexity is worse after recovery (133.300 sliced, "
+                                                   "155.300 exported)")
 
 
 def test_export_cli_on_a_finished_run(finished_run, tmp_path, capsys):
