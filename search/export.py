@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         if out.exists() and not args.force:
             raise FileExistsError(f"{out} already exists; choose another --out or pass --force")
         setup = prepare(config)
-        importance = load_or_compute(setup.model, setup.calibration, config.importance, layout.root)
+        importance = load_or_compute(setup.model, setup.calibration, config.importance, layout.root,
+                                     config.batch_size)  # the search's scores: taylor's depend on the batch
         record = recover_and_export(setup, importance, arch, out, "python -m search.export " + shlex.join(argv),
                                     args.force)
     except (*USER_ERRORS, FileNotFoundError, FileExistsError, KeyError) as err:
