@@ -43,6 +43,10 @@ from search.setup import USER_ERRORS, Setup, prepare
 TEACHER_TOP_K = 32
 
 
+class RunDirectoryError(ValueError):
+    """--run, --trial or --out do not name what they must (the CLI prints it and exits 2)."""
+
+
 def add_recovery_arguments(p: argparse.ArgumentParser, d: RunConfig) -> argparse._ArgumentGroup:
     g = p.add_argument_group("recovery (LoRA after slicing)")
     g.add_argument("--recover-steps", type=int, default=d.recover_steps,
@@ -152,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     layout = RunLayout(Path(args.run))
     try:
         if not layout.config.exists():
-            raise FileNotFoundError(f"{layout.config} not found; --run must be a directory made by search.run")
+            raise RunDirectoryError(f"{layout.config} not found; --run must be a directory made by search.run")
         saved = json.loads(layout.config.read_text())
         overrides = {k: getattr(args, k) for k in ("recover_steps", "recover_windows", "lora_rank", "distill",
                                                    "domains", "task", "task_template", "shots")}
@@ -160,13 +164,13 @@ def main(argv: list[str] | None = None) -> int:
         arch = _architecture(layout, config, args.trial)
         out = Path(args.out)
         if out.exists() and not args.force:
-            raise FileExistsError(f"{out} already exists; choose another --out or pass --force")
+            raise RunDirectoryError(f"{out} already exists; choose another --out or pass --force")
         setup = prepare(config)
         importance = load_or_compute(setup.model, setup.calibration, config.importance, layout.root,
                                      config.batch_size)  # the search's scores: taylor's depend on the batch
         record = recover_and_export(setup, importance, arch, out, "python -m search.export " + shlex.join(argv),
                                     args.force)
-    except (*USER_ERRORS, FileNotFoundError, FileExistsError, KeyError) as err:
+    except (*USER_ERRORS, RunDirectoryError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(record, indent=2))
@@ -176,13 +180,14 @@ def main(argv: list[str] | None = None) -> int:
 def _architecture(layout: RunLayout, config: RunConfig, trial: int | None) -> Architecture:
     if trial is None:
         if not layout.best_architecture.exists():
-            raise FileNotFoundError(f"{layout.best_architecture} not found; finish the search or pass --trial")
+            raise RunDirectoryError(f"{layout.best_architecture} not found; finish the search or pass --trial")
         return Architecture.from_json(layout.best_architecture.read_text())
     study = optuna.load_study(study_name=layout.study_name(config), storage=layout.storage_url(config))
     trials = [t for t in study.trials if t.number == trial]
     arch = trial_architecture(trials[0]) if trials else None
     if arch is None:
-        raise KeyError(f"trial {trial} has no measured architecture in {layout.root}; pick one from the dashboard")
+        raise RunDirectoryError(f"trial {trial} has no measured architecture in {layout.root}; "
+                                "pick one from the dashboard")
     return arch
 
 

@@ -181,6 +181,20 @@ def test_export_cli_on_a_finished_run(finished_run, tmp_path, capsys):
     assert export.main(command) == 2
     assert "already exists" in capsys.readouterr().err
     assert export.main(["--run", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
+    assert "--run must be a directory made by search.run" in capsys.readouterr().err
+    assert export.main(["--run", str(finished_run), "--trial", "999", "--out", str(tmp_path / "y")]) == 2
+    assert "trial 999 has no measured architecture" in capsys.readouterr().err
+
+
+def test_export_cli_does_not_hide_programming_errors(finished_run, tmp_path, monkeypatch):
+    from search import export
+
+    def broken(*args, **kwargs):
+        raise KeyError("a bug, not the user's input")
+
+    monkeypatch.setattr(export, "recover_and_export", broken)
+    with pytest.raises(KeyError, match="a bug"):
+        export.main(["--run", str(finished_run), "--out", str(tmp_path / "z"), "--recover-steps", "0"])
 
 
 def test_export_cli_tunes_on_several_domains_and_a_task(finished_run, tiny_model_dir, tmp_path, capsys):
