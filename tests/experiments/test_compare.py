@@ -65,6 +65,17 @@ def test_held_out_windows_exclude_the_search_windows(tiny_model_dir):
     assert not (held[:, None, :] == setup.search_windows[None]).all(-1).any()
 
 
+def test_our_methods_failing_is_an_error_not_a_row(tiny_model_dir, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("a regression in our own scoring")
+
+    monkeypatch.setattr(compare, "compute_importance", broken)
+    out = tmp_path / "compare"
+    with pytest.raises(RuntimeError, match="a regression"):
+        compare.main(argv(tiny_model_dir, out, "--methods", "uniform"))
+    assert not (out / "results.md").exists()
+
+
 @pytest.mark.parametrize("removed", ["120%", "0%", "half"])
 def test_bad_share_exits_2(removed, tmp_path, capsys):
     assert compare.main(["--removed", removed, "--out", str(tmp_path / "c")]) == 2
