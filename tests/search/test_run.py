@@ -42,7 +42,25 @@ def test_run_writes_everything_a_person_needs(finished_run):
     assert summary["best_params"] == arch.params()
     assert 0.995 * summary["budget_params"] <= arch.params() <= summary["budget_params"]
     assert summary["dashboard"] == f"optuna-dashboard sqlite:///{out}/study.db"
-    assert summary["best_perplexity"] < summary["base_perplexity"] * 100
+    complete = load(out).get_trials(states=(TrialState.COMPLETE,))
+    assert summary["best_trial"] == min(complete, key=lambda t: t.value).number
+
+
+def test_summary_perplexities_are_the_models_on_the_final_windows(finished_run):
+    from pruning.importance import load_or_compute
+    from pruning.masking import masked
+    from pruning.metrics import perplexity
+    from search.config import RunConfig
+    from search.setup import prepare
+
+    summary = json.loads((finished_run / "summary.json").read_text())
+    setup = prepare(RunConfig(**json.loads((finished_run / "run.json").read_text())))
+    config = setup.config
+    importance = load_or_compute(setup.model, setup.calibration, config.importance, finished_run, config.batch_size)
+    arch = Architecture.from_json((finished_run / "best_architecture.json").read_text())
+    assert summary["base_perplexity"] == pytest.approx(perplexity(setup.model, setup.final_windows), rel=1e-6)
+    with masked(setup.model, arch, importance):
+        assert summary["best_perplexity"] == pytest.approx(perplexity(setup.model, setup.final_windows), rel=1e-6)
 
 
 def test_run_exports_the_recovered_best_model(finished_run):
@@ -55,12 +73,17 @@ def test_run_exports_the_recovered_best_model(finished_run):
     steps, ppls = zip(*recovery["validation"], strict=True)
     assert steps == (0, 1, 2, 3)  # the sliced model, then every step of three
     assert recovery["selected_step"] == steps[ppls.index(min(ppls))]
-    assert recovery["recovered"]["perplexity"] > 0
     markdown = (finished_run / "summary.md").read_text()
     assert f"after 3 LoRA steps (step {recovery['selected_step']} kept, best on the search windows)" in markdown
     assert markdown.count("**Warning**") == len(recovery.get("notes", []))
     model = AutoModelForCausalLM.from_pretrained(finished_run / "model", trust_remote_code=True)
     assert sum(p.numel() for p in model.parameters()) == summary["best_params"]
+    from pruning.metrics import perplexity
+    from search.config import RunConfig
+    from search.setup import prepare
+
+    final = prepare(RunConfig(**json.loads((finished_run / "run.json").read_text()))).final_windows
+    assert recovery["recovered"]["perplexity"] == pytest.approx(perplexity(model, final), rel=1e-5)
     assert load(finished_run).user_attrs["recovery"] == recovery
 
 
@@ -149,9 +172,13 @@ def test_interrupt_keeps_finished_trials_and_says_how_to_resume(tiny_model_dir, 
 def test_peer_samplers_search_the_same_space(tiny_model_dir, tmp_path, sampler):
     out = tmp_path / sampler
     assert run.main(args(tiny_model_dir, out, "--budget", "75%", "--trials", "6", "--sampler", sampler)) == 0
-    for t in load(out).get_trials(states=(TrialState.COMPLETE,)):
+    budget = load(out).user_attrs["identity"]["budget"]
+    complete = load(out).get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) + len(load(out).get_trials(states=(TrialState.PRUNED,))) == 6
+    for t in complete:
         arch = Architecture.from_json(t.user_attrs[ARCH_ATTR])
-        assert 0.995 * load(out).user_attrs["identity"]["budget"] <= arch.params()
+        assert 0.995 * budget <= arch.params() <= budget
+        assert t.user_attrs["params"] == arch.params() and t.value > 1
 
 
 

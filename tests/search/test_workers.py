@@ -89,7 +89,9 @@ def check_shared_study(study, workers, storage):
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     archs = [t.user_attrs[ARCH_ATTR] for t in complete]
     assert len(set(archs)) == len(archs), "an architecture was measured twice"
-    assert {t.user_attrs["worker"] for t in complete} == {f"{HOST}:{w.process.pid}" for w in workers}
+    # every measurement is one of these workers'; how many each made depends on the scheduler (one may start
+    # after the other has finished them all), so that both measured is not asserted
+    assert {t.user_attrs["worker"] for t in complete} <= {f"{HOST}:{w.process.pid}" for w in workers}
     for w in workers:  # each worker summarised the shared study into its own run directory
         summary = json.loads((w.out / "summary.json").read_text())
         assert (summary["study_name"], summary["storage"]) == (study.study_name, storage)
