@@ -32,9 +32,10 @@ from pruning.metrics import perplexity
 from search.config import SAMPLERS, RunConfig, RunLayout
 from search.export import add_recovery_arguments, recover_and_export
 from search.objective import Objective
+from search.plan import check_fits, make_plan
 from search.report import RunSummary, best_trial, own_kendall, publish, write_atomic
 from search.sampler import PredictorSampler, measured, trial_architecture
-from search.setup import FINAL_EVAL_WINDOWS, USER_ERRORS, Setup, prepare
+from search.setup import FINAL_EVAL_WINDOWS, USER_ERRORS, Setup, prepare, resolve_device
 from search.space import SearchSpace
 from search.study import (
     StopAfterMeasurements,
@@ -108,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=d.device, help="auto, cpu or cuda[:N] (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="(default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the memory plan (budget, search space, weights, peak per stage, cost per trial) "
+                   "from the model's config alone and exit; a real run prints it first and refuses to start "
+                   "when it does not fit the device")
     recovery = add_recovery_arguments(p, d)
     recovery.add_argument("--no-export", dest="export", action="store_false",
                           help="stop after the search: no slicing, recovery or export")
@@ -274,6 +279,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     try:
         config = RunConfig(**{f.name: getattr(args, f.name) for f in fields(RunConfig)})
+        plan = make_plan(config, resolve_device(config.device))
+        print(plan.to_text(), file=sys.stdout if args.dry_run else sys.stderr)
+        if args.dry_run:
+            return 0
+        check_fits(plan, config)
         setup, study, importance = start(config)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)

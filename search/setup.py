@@ -62,6 +62,11 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def run_dtype(device: torch.device) -> torch.dtype:
+    """Weights in bf16 on CUDA, float32 on the CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def check_seq_len(config: RunConfig, model_config) -> None:
     """Refuse windows longer than the positions the model was trained on: quality is meaningless there,
     and attention's cost grows with the square of the length."""
@@ -91,8 +96,7 @@ def prepare(config: RunConfig) -> Setup:
     )
     final = token_windows(tokenizer, evaluation_text, config.seq_len, FINAL_EVAL_WINDOWS, "evaluation text")
     search = final[torch.linspace(0, len(final) - 1, min(config.search_windows, len(final))).round().long()]
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = adapter.load_model(config.model, device, dtype)
+    model = adapter.load_model(config.model, device, run_dtype(device))
     return Setup(config, RunLayout(config.run_dir()), space, model, tokenizer, calibration, search, final)
 
 
