@@ -10,6 +10,8 @@ from search.config import RunConfig
 
 pytest.importorskip("torch_pruning")
 
+pytestmark = pytest.mark.slow  # end to end: runs, subprocesses or servers
+
 
 def search_args(root):
     """search.run arguments that make the tiny model's data, windows and recovery small."""

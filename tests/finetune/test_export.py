@@ -123,11 +123,13 @@ def round_trip(tmp_path_factory):
     return expected, json.loads(run.stdout.strip().splitlines()[-1]), tokenizer
 
 
+@pytest.mark.slow  # the round trip: a fresh interpreter loads every export
 def test_fresh_process_cannot_import_the_project(round_trip):
     _, results, _ = round_trip
     assert results["pruning_importable"] is False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CASES)
 def test_round_trip_reproduces_logits_and_generates(name, round_trip):
     expected, results, tokenizer = round_trip
@@ -145,6 +147,7 @@ def test_round_trip_reproduces_logits_and_generates(name, round_trip):
 
 
 @pytest.mark.parametrize("name", CASES)
+@pytest.mark.slow  # the round trip: a fresh interpreter loads every export
 def test_layout_matches_uniformity(name, round_trip):
     expected, _, _ = round_trip
     out, arch = expected[name]["dir"], expected[name]["arch"]
@@ -177,6 +180,7 @@ def test_uniformity_rule():
     assert is_uniform(Architecture(spec, (LayerShape(0, 0, 24),) * 3)) is False
 
 
+@pytest.mark.slow  # the round trip: a fresh interpreter loads every export
 def test_model_card_lists_budget_params_shapes_metrics_and_command(round_trip):
     expected, _, _ = round_trip
     text = (expected["llama-mixed"]["dir"] / "README.md").read_text()

@@ -32,6 +32,7 @@ def finished_run(tiny_model_dir, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_run_writes_everything_a_person_needs(finished_run):
     out = finished_run
     for name in ("study.db", "run.json", "best_architecture.json", "summary.json", "summary.md", "predictor", "model"):
@@ -46,6 +47,7 @@ def test_run_writes_everything_a_person_needs(finished_run):
     assert summary["best_trial"] == min(complete, key=lambda t: t.value).number
 
 
+@pytest.mark.slow
 def test_summary_perplexities_are_the_models_on_the_final_windows(finished_run):
     from pruning.importance import load_or_compute
     from pruning.masking import masked
@@ -63,6 +65,7 @@ def test_summary_perplexities_are_the_models_on_the_final_windows(finished_run):
         assert summary["best_perplexity"] == pytest.approx(perplexity(setup.model, setup.final_windows), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_run_exports_the_recovered_best_model(finished_run):
     from transformers import AutoModelForCausalLM
 
@@ -87,6 +90,7 @@ def test_run_exports_the_recovered_best_model(finished_run):
     assert load(finished_run).user_attrs["recovery"] == recovery
 
 
+@pytest.mark.slow
 def test_trials_record_what_was_measured_and_predicted(finished_run):
     study = load(finished_run)
     trials = study.get_trials(states=(TrialState.COMPLETE,))
@@ -101,6 +105,7 @@ def test_trials_record_what_was_measured_and_predicted(finished_run):
     assert set(study.user_attrs["baselines"]) == {"base", "uniform", "threshold"}
 
 
+@pytest.mark.slow
 def test_rerun_resumes_without_remeasuring(finished_run, tiny_model_dir):
     before = {t.number: (t.value, t.datetime_complete) for t in load(finished_run).trials}
     assert run.main(args(tiny_model_dir, finished_run, "--budget", "75%", "--trials", "11")) == 0
@@ -109,6 +114,7 @@ def test_rerun_resumes_without_remeasuring(finished_run, tiny_model_dir):
     assert {t.number: (t.value, t.datetime_complete) for t in after[:9]} == before
 
 
+@pytest.mark.slow
 def test_mismatched_study_is_refused(finished_run, tiny_model_dir, capsys):
     assert run.main(args(tiny_model_dir, finished_run, "--budget", "60%", "--trials", "11")) == 2
     assert "already exists for a different budget" in capsys.readouterr().err
@@ -144,6 +150,7 @@ def test_missing_model_is_named(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_interrupt_keeps_finished_trials_and_says_how_to_resume(tiny_model_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     measure = Objective.measure
@@ -168,6 +175,7 @@ def test_interrupt_keeps_finished_trials_and_says_how_to_resume(tiny_model_dir, 
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 6  # the interrupted trial is not a measurement
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["tpe", "cmaes", "gp"])
 def test_peer_samplers_search_the_same_space(tiny_model_dir, tmp_path, sampler):
     out = tmp_path / sampler
@@ -194,6 +202,7 @@ def test_recovery_notes_say_when_the_export_is_not_better():
                                                    "155.300 exported)")
 
 
+@pytest.mark.slow
 def test_export_cli_on_a_finished_run(finished_run, tmp_path, capsys):
     from search import export
 
@@ -213,6 +222,7 @@ def test_export_cli_on_a_finished_run(finished_run, tmp_path, capsys):
     assert "trial 999 has no measured architecture" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_export_cli_does_not_hide_programming_errors(finished_run, tmp_path, monkeypatch):
     from search import export
 
@@ -224,6 +234,7 @@ def test_export_cli_does_not_hide_programming_errors(finished_run, tmp_path, mon
         export.main(["--run", str(finished_run), "--out", str(tmp_path / "z"), "--recover-steps", "0"])
 
 
+@pytest.mark.slow
 def test_export_cli_tunes_on_several_domains_and_a_task(finished_run, tiny_model_dir, tmp_path, capsys):
     from search import export
 

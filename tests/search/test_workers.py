@@ -24,7 +24,10 @@ from search.objective import WORKER
 from search.sampler import ARCH_ATTR
 from search.space import SearchSpace
 from search.study import open_storage, retry_dead_workers
+from tests.conftest import service_unavailable
 from tests.search.test_run import args
+
+pytestmark = pytest.mark.slow  # real worker processes and end-to-end runs
 
 ROOT = Path(__file__).resolve().parents[2]
 # A bare postgresql:// URL, as users write it (SQLAlchemy 2 maps it to psycopg 3, which the postgres extra installs).
@@ -105,7 +108,7 @@ def postgres_url():
     try:
         admin = psycopg.connect(POSTGRES, connect_timeout=5, autocommit=True)
     except psycopg.OperationalError as err:
-        pytest.fail(f"these tests need PostgreSQL at {POSTGRES} (or set PRUNESEARCH_TEST_POSTGRES): {err}")
+        service_unavailable(f"needs PostgreSQL at {POSTGRES} (or set PRUNESEARCH_TEST_POSTGRES): {err}")
     schema = f"prunesearch_{uuid.uuid4().hex[:12]}"
     with admin.cursor() as cursor:
         cursor.execute(f"CREATE SCHEMA {schema}")
@@ -115,7 +118,7 @@ def postgres_url():
     admin.close()
 
 
-@pytest.mark.parametrize("backend", ["postgresql", "journal"])
+@pytest.mark.parametrize("backend", [pytest.param("postgresql", marks=pytest.mark.postgres), "journal"])
 def test_two_worker_processes_share_one_study(backend, tiny_model_dir, evaluation, tmp_path, request):
     storage = request.getfixturevalue("postgres_url") if backend == "postgresql" else f"journal:{tmp_path}/journal.log"
     name = f"workers-{uuid.uuid4().hex[:12]}"
@@ -164,7 +167,7 @@ def dead_pid():
     return process.pid
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "journal", "postgresql"])
+@pytest.mark.parametrize("backend", ["sqlite", "journal", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def test_a_dead_workers_trial_is_failed_requeued_and_measured(backend, tiny_model_dir, evaluation, tmp_path, request):
     out = tmp_path / "run"
     storage = {"sqlite": f"sqlite:///{tmp_path}/study.db", "journal": f"journal:{tmp_path}/journal.log"}.get(backend) \
