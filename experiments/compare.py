@@ -48,7 +48,7 @@ from pruning.sensitivity import Grid, measure_sensitivity
 from pruning.slicing import slice_model
 from search import run
 from search.budget import BudgetError, parse_budget
-from search.config import RunConfig, RunLayout
+from search.config import ConfigError, RunConfig, RunLayout
 from search.export import dense_teacher, recovery_settings, text_domains
 from search.knapsack import knapsack
 from search.report import write_atomic
@@ -285,14 +285,16 @@ def main(argv: list[str] | None = None) -> int:
             import torch_pruning  # noqa: F401  (fail now, not after an hour)
         saved = json.loads(results_path.read_text()) if results_path.exists() else {"settings": settings, "rows": []}
         if saved["settings"] != settings:
-            raise ValueError(f"{out} holds results made with other settings ({saved['settings']}); "
+            raise ConfigError(f"{out} holds results made with other settings ({saved['settings']}); "
                              f"choose another --out")
         ctx = build_context(base, out)
-    except ImportError:
+    except ImportError as err:
+        if err.name != "torch_pruning":
+            raise
         print('error: Torch-Pruning is not installed; pip install ".[bench]" or leave it out of --methods',
               file=sys.stderr)
         return 2
-    except (*USER_ERRORS, ValueError) as err:
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     rows = [Row(**r) for r in saved["rows"]]
@@ -309,7 +311,9 @@ def main(argv: list[str] | None = None) -> int:
             layout = search_run(run_arguments(args, budget), removed, seed, out) if method == "searched" else None
             try:
                 rows.append(measure(method, removed, ctx, space, layout, seed))
-            except Exception as err:  # a peer that breaks on this model is a result too; the others go on
+            except Exception as err:  # a peer that breaks on this model is a result too; ours breaking is a bug
+                if method != "Torch-Pruning":
+                    raise
                 print(f"[compare] {method} failed: {err!r}", file=sys.stderr)
                 rows.append(Row(removed, method, 0, math.nan, math.nan, 0.0, 0, f"failed: {err}"[:160]))
             write_atomic(results_path, json.dumps({"settings": settings, "rows": [asdict(r) for r in rows]},

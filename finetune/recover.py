@@ -12,6 +12,13 @@ the chunked LM head)
 with rows drawn from the training domains by dynamic batch loading (one domain:
 plain shuffled passes). At the end `merge_and_unload` folds B A into W, so the
 returned model is the same module tree as the input with the same parameter count.
+
+With `validation` data, recovery selects on it: perplexity is measured before the
+first step (the sliced model: B = 0) and every `eval_every` steps, and the adapters
+of the lowest one are kept. When no step beats the sliced model, the adapters are
+removed unmerged, so the result is the sliced model, bit for bit: recovery never
+makes the validation perplexity worse. (Held-out data may still disagree; callers
+report both.)
 On CUDA: bf16 autocast (weights keep their dtype) and, unless the config says
 otherwise, gradient checkpointing (each decoder layer recomputed in backward).
 """
@@ -54,6 +61,7 @@ class RecoveryConfig:
     domain_eta: float = 1.0  # dynamic batch loading step size η (used with several domains)
     domain_update_every: int = 10
     gradient_checkpointing: bool | None = None  # None: on CUDA only (recompute each layer in backward)
+    eval_every: int | None = None  # steps between validation checks; None: a tenth of the steps
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -74,12 +82,20 @@ class RecoveryConfig:
         if not (self.gradient_checkpointing is None or isinstance(self.gradient_checkpointing, bool)):
             raise RecoveryConfigError(f"gradient_checkpointing must be True, False or None (on CUDA only), "
                                       f"got {self.gradient_checkpointing!r}")
+        if self.eval_every is not None and (isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int)
+                                            or self.eval_every < 1):
+            raise RecoveryConfigError(f"eval_every must be a positive integer or None, got {self.eval_every!r}")
         if not self.domain_eta >= 0:
             raise RecoveryConfigError(f"domain_eta must be >= 0 (0 keeps the domain mix fixed), "
                                       f"got {self.domain_eta!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def validation_steps(self) -> set[int]:
+        """Steps after which the validation data is measured (0: the sliced model; the last step always)."""
+        every = self.eval_every or max(1, self.steps // 10)
+        return {0, *range(every, self.steps + 1, every), self.steps}
 
     @classmethod
     def from_dict(cls, data: dict) -> RecoveryConfig:
@@ -101,6 +117,8 @@ class RecoveryResult:
     seconds: float
     before: Evaluation | None
     after: Evaluation | None
+    validation: tuple[tuple[int, float], ...] = ()  # (step, validation perplexity); step 0 is the sliced model
+    selected_step: int | None = None  # the step whose adapters were kept (0: none, the sliced model)
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -124,26 +142,29 @@ def _check_inputs(domains: Sequence[Domain], config: RecoveryConfig, reference: 
 
 def recover(model: PreTrainedModel, domains: Sequence[Domain], config: RecoveryConfig,
             evaluation: EvalData | None = None, reference: DenseReference | None = None,
-            progress: bool = True) -> tuple[PreTrainedModel, RecoveryResult]:
+            progress: bool = True, validation: EvalData | None = None) -> tuple[PreTrainedModel, RecoveryResult]:
     """LoRA-tune `model` (in place) on `domains`, merge the adapters and return it with a `RecoveryResult`.
 
     `evaluation` is measured before and after; `reference` (from the dense model,
-    before slicing) is needed for several domains and for distillation.
+    before slicing) is needed for several domains and for distillation; with
+    `validation`, the best state on it is kept (see the module docstring).
     """
     _check_inputs(domains, config, reference)
     before = evaluate(model, evaluation) if evaluation is not None else None
     start = time.perf_counter()
-    trainable = _Trainer(model, domains, config, reference)
+    trainable = _Trainer(model, domains, config, reference, validation)
     try:
         losses = trainable.run(progress)
     except BaseException:
         trainable.discard()  # hand back the model as it came, not half-wrapped
         raise
-    model = trainable.merge()
+    selected = trainable.select_best()
+    model = trainable.merge() if selected > 0 else trainable.discard()
     seconds = time.perf_counter() - start
     after = evaluate(model, evaluation) if evaluation is not None else None
     result = RecoveryResult(config.steps, tuple(losses), tuple(d.name for d in domains),
-                            tuple(trainable.sampler.history), trainable.trainable_params, seconds, before, after)
+                            tuple(trainable.sampler.history), trainable.trainable_params, seconds, before, after,
+                            tuple(trainable.checks), selected)
     return model, result
 
 
@@ -151,8 +172,10 @@ class _Trainer:
     """The LoRA training loop; owns the peft wrapper between construction and `merge`."""
 
     def __init__(self, model: PreTrainedModel, domains: Sequence[Domain], config: RecoveryConfig,
-                 reference: DenseReference | None):
-        self.domains, self.config, self.reference = domains, config, reference
+                 reference: DenseReference | None, validation: EvalData | None = None):
+        self.domains, self.config, self.reference, self.validation = domains, config, reference, validation
+        self.checks: list[tuple[int, float]] = []  # (step, validation perplexity)
+        self.best: tuple[float, int, list[torch.Tensor]] | None = None  # (perplexity, step, trainable tensors)
         self.device = next(model.parameters()).device
         self.requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         torch.manual_seed(config.seed)
@@ -176,14 +199,37 @@ class _Trainer:
 
     def run(self, progress: bool) -> list[float]:
         losses = []
+        checked = self.config.validation_steps()
+        self._validate(0)
         self.peft.train()
         bar = tqdm(range(1, self.config.steps + 1), desc="recovery", disable=not progress)
         for step in bar:
             loss = self._step(self.sampler.sample(self.config.batch_size))
             losses.append(loss)
             self.sampler.step(step)
-            bar.set_postfix(loss=f"{loss:.4f}")
+            if step in checked:
+                self._validate(step)
+            bar.set_postfix(loss=f"{loss:.4f}", **({"val_ppl": f"{self.checks[-1][1]:.3f}"} if self.checks else {}))
         return losses
+
+    def _validate(self, step: int) -> None:
+        """Measure the validation perplexity now; keep a copy of the adapters when it is the lowest so far."""
+        if self.validation is None:
+            return
+        ppl = evaluate(self.peft.get_base_model(), self.validation, self.config.batch_size).perplexity
+        self.checks.append((step, ppl))
+        if self.best is None or ppl < self.best[0]:
+            self.best = (ppl, step, [p.detach().clone() for p in self.params])
+
+    def select_best(self) -> int:
+        """Put the best validated adapters back; return their step (the last step without validation data)."""
+        if self.best is None:
+            return self.config.steps
+        _, step, tensors = self.best
+        with torch.no_grad():
+            for p, best in zip(self.params, tensors, strict=True):
+                p.copy_(best)
+        return step
 
     def _step(self, picks: list[tuple[int, int]]) -> float:
         batch, teacher, owners = self._batch(picks)

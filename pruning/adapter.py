@@ -6,6 +6,7 @@ Everything else in the project talks to decoder layers through `LayerParts`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,14 +14,40 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
+from pruning import modeling_pruned
 from pruning.architecture import ModelSpec
 from pruning.modeling_pruned import DroppedAttention, DroppedMLP  # shared with exported models' remote code
 
-# model_type -> the class name users know
-SUPPORTED = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
+
+@dataclass(frozen=True)
+class Family:
+    """What differs between supported families: the class users know, the bias rules, the export classes."""
+
+    causal_lm: str
+    qkv_bias: Callable[[PretrainedConfig], bool]
+    o_bias: Callable[[PretrainedConfig], bool]
+    mlp_bias: Callable[[PretrainedConfig], bool]
+    pruned_config: type
+    pruned_model: type
+
+
+def _never(config: PretrainedConfig) -> bool:
+    return False
+
+
+def _attention_bias(config: PretrainedConfig) -> bool:
+    return bool(getattr(config, "attention_bias", False))
+
+
+# model_type -> its rules: the one table pruning, the HF export and the GGUF export read
+FAMILIES = {
+    "llama": Family("LlamaForCausalLM", _attention_bias, _attention_bias,
+                    lambda c: bool(getattr(c, "mlp_bias", False)),
+                    modeling_pruned.PrunedLlamaConfig, modeling_pruned.PrunedLlamaForCausalLM),
+    "mistral": Family("MistralForCausalLM", _never, _never, _never,
+                      modeling_pruned.PrunedMistralConfig, modeling_pruned.PrunedMistralForCausalLM),
+    "qwen2": Family("Qwen2ForCausalLM", lambda c: True, _never, _never,
+                    modeling_pruned.PrunedQwen2Config, modeling_pruned.PrunedQwen2ForCausalLM),
 }
 
 
@@ -30,8 +57,8 @@ class UnsupportedModelError(ValueError):
 
 def _check_family(config: PretrainedConfig, name: str) -> str:
     family = getattr(config, "model_type", None)
-    if family not in SUPPORTED:
-        supported = ", ".join(SUPPORTED.values())
+    if family not in FAMILIES:
+        supported = ", ".join(f.causal_lm for f in FAMILIES.values())
         raise UnsupportedModelError(
             f"{name} is a {family!r} model; supported are {supported} (and checkpoints of those families)"
         )
@@ -44,7 +71,7 @@ def spec_from_config(config: PretrainedConfig, base_model: str) -> ModelSpec:
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     if heads % kv_heads:
         raise UnsupportedModelError(f"{base_model}: {heads} query heads do not split into {kv_heads} KV groups")
-    attention_bias = bool(getattr(config, "attention_bias", False))
+    rules = FAMILIES[family]
     return ModelSpec(
         base_model=base_model,
         family=family,
@@ -53,13 +80,19 @@ def spec_from_config(config: PretrainedConfig, base_model: str) -> ModelSpec:
         num_layers=config.num_hidden_layers,
         num_kv_heads=kv_heads,
         group_size=heads // kv_heads,
-        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+        head_dim=head_dim(config),
         intermediate_size=config.intermediate_size,
         tie_embeddings=bool(config.tie_word_embeddings),
-        qkv_bias=family == "qwen2" or (family == "llama" and attention_bias),
-        o_bias=family == "llama" and attention_bias,
-        mlp_bias=family == "llama" and bool(getattr(config, "mlp_bias", False)),
+        qkv_bias=rules.qkv_bias(config),
+        o_bias=rules.o_bias(config),
+        mlp_bias=rules.mlp_bias(config),
     )
+
+
+def head_dim(config: PretrainedConfig) -> int:
+    """Channels per attention head. Hub configs of Qwen2 (and older Llama/Mistral ones) do not set `head_dim`;
+    the stock attention then uses hidden_size // num_attention_heads, and so does everything here."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def model_spec(model: PreTrainedModel) -> ModelSpec:

@@ -8,10 +8,11 @@ import numpy as np
 import torch
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".json", ".jsonl"}
-# Named corpora for users with internet (datasets installed): name -> (path, config, text column)
+# Named corpora for users with internet (datasets installed): name -> (path, config, text column, splits),
+# splits mapping the split asked for ("train" for calibration, "test" for evaluation) to the corpus's own
 HUB_CORPORA = {
-    "wikitext2": ("wikitext", "wikitext-2-raw-v1", "text"),
-    "c4": ("allenai/c4", "en", "text"),
+    "wikitext2": ("wikitext", "wikitext-2-raw-v1", "text", {"train": "train", "test": "test"}),
+    "c4": ("allenai/c4", "en", "text", {"train": "train", "test": "validation"}),  # C4 has no test split
 }
 
 
@@ -42,8 +43,8 @@ def _hub_text(name: str, split: str) -> str:
         import datasets
     except ImportError as err:
         raise DataError(f"{name!r} needs the datasets package: pip install 'prunesearch[datasets]'") from err
-    path, config, column = HUB_CORPORA[name]
-    rows = datasets.load_dataset(path, config, split=split, streaming=name == "c4")
+    path, config, column, splits = HUB_CORPORA[name]
+    rows = datasets.load_dataset(path, config, split=splits[split], streaming=name == "c4")
     if name == "c4":
         rows = (r for _, r in zip(range(20000), rows, strict=False))
     return "\n\n".join(r[column] for r in rows)

@@ -167,10 +167,12 @@ def _run_batches(model: PreTrainedModel, windows: torch.Tensor, batch_size: int,
             p.requires_grad_(r)
 
 
-def cache_key(model: PreTrainedModel, windows: torch.Tensor, method: str) -> str:
-    """Hash of the model (config + a per-tensor weight checksum), the calibration tokens and the method."""
+def cache_key(model: PreTrainedModel, windows: torch.Tensor, method: str, batch_size: int = 8) -> str:
+    """Hash of the model (config + a per-tensor weight checksum), the calibration tokens and the method, and
+    for taylor the batch size (it sums |x·g| per batch; the other methods' running statistics do not depend on it)."""
     h = hashlib.sha256()
-    h.update(json.dumps([CACHE_VERSION, method, model.config.to_dict()], sort_keys=True, default=str).encode())
+    parts = [CACHE_VERSION, method, model.config.to_dict(), *([batch_size] if method == "taylor" else [])]
+    h.update(json.dumps(parts, sort_keys=True, default=str).encode())
     with torch.no_grad():
         for name, p in model.named_parameters():
             h.update(f"{name}{tuple(p.shape)}{p.double().sum().item():.10e}".encode())
@@ -182,7 +184,7 @@ def load_or_compute(
     model: PreTrainedModel, windows: torch.Tensor, method: str, cache_dir: Path, batch_size: int = 8
 ) -> Importance:
     """Scores from `cache_dir/importance-<key>.safetensors`, computing and caching them when absent."""
-    path = Path(cache_dir) / f"importance-{method}-{cache_key(model, windows, method)}.safetensors"
+    path = Path(cache_dir) / f"importance-{method}-{cache_key(model, windows, method, batch_size)}.safetensors"
     spec = adapter.model_spec(model)
     if path.exists():
         arrays = load_file(str(path))

@@ -94,7 +94,9 @@ def _linear(in_features: int, out_features: int, like: nn.Linear) -> nn.Linear:
 def _resize_layer(layer: nn.Module, idx: int, shape: dict, config) -> None:
     """Give one stock decoder layer the pruned shape (see the module docstring)."""
     kv, h, f = (shape[k] for k in SHAPE_KEYS)
-    hidden, head_dim = config.hidden_size, config.head_dim
+    # the stock attention's rule: hub configs of Qwen2 carry no head_dim (the export writes one in)
+    hidden = config.hidden_size
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
     if kv == 0:
         layer.self_attn = DroppedAttention(idx, head_dim)
         layer.input_layernorm = nn.Identity()

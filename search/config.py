@@ -66,6 +66,8 @@ class RunConfig:
             (self.trials >= 1, f"--trials must be at least 1, got {self.trials}"),
             (self.sampler != "predictor" or self.n_startup >= 5, "--n-startup must be at least 5"),
             (self.seq_len >= 8, f"--seq-len must be at least 8, got {self.seq_len}"),
+            (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
+            (self.ffn_step >= 1, f"--ffn-step must be at least 1, got {self.ffn_step}; the default is 8"),
             (self.calibration_windows >= 1 and self.search_windows >= 1, "window counts must be at least 1"),
             (self.sensitivity_windows >= 1, f"--sensitivity-windows must be >= 1, got {self.sensitivity_windows}"),
             (self.sensitivity_points >= 2, f"--sensitivity-points must be at least 2, got {self.sensitivity_points}"),

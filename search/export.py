@@ -30,7 +30,7 @@ from finetune.data import (
     text_domain,
 )
 from finetune.distill import dense_reference
-from finetune.evaluate import EvalData, evaluate
+from finetune.evaluate import EvalData, Evaluation, evaluate
 from finetune.export import export_model
 from finetune.recover import RecoveryConfig, recover
 from pruning.architecture import Architecture
@@ -43,10 +43,17 @@ from search.setup import USER_ERRORS, Setup, prepare
 TEACHER_TOP_K = 32
 
 
+class RunDirectoryError(ValueError):
+    """--run, --trial or --out do not name what they must (the CLI prints it and exits 2)."""
+
+
 def add_recovery_arguments(p: argparse.ArgumentParser, d: RunConfig) -> argparse._ArgumentGroup:
     g = p.add_argument_group("recovery (LoRA after slicing)")
     g.add_argument("--recover-steps", type=int, default=d.recover_steps,
-                   help="LoRA steps on the calibration text; 0 exports without tuning (default: %(default)s)")
+                   help="LoRA steps on the calibration text; 0 exports without tuning. Every tenth of the steps "
+                   "the search windows' perplexity is measured and the best state is exported, the untuned "
+                   "sliced model included, so recovery never makes it worse there; if held-out perplexity "
+                   "still rises, the summary says so (default: %(default)s)")
     g.add_argument("--recover-windows", type=int, default=d.recover_windows,
                    help="calibration windows to tune on (default: %(default)s)")
     g.add_argument("--lora-rank", type=int, default=d.lora_rank, help="(default: %(default)s)")
@@ -106,15 +113,30 @@ def recover_and_export(setup: Setup, importance: Importance, arch: Architecture,
     record = {"dense": dense.to_dict()}
     if config.recover_steps > 0:
         settings = recovery_settings(config)
-        model, result = recover(model, domains, settings, evaluation, reference)
+        model, result = recover(model, domains, settings, evaluation, reference,
+                                validation=EvalData(setup.search_windows))
         record.update(pruned=result.before.to_dict(), recovered=result.after.to_dict(),
-                      recovery_seconds=round(result.seconds, 1), recovery=settings.to_dict())
+                      recovery_seconds=round(result.seconds, 1), recovery=settings.to_dict(),
+                      selected_step=result.selected_step, validation=[list(c) for c in result.validation])
+        record.update(recovery_notes(result.before, result.after, result.selected_step))
     else:
         record["pruned"] = evaluate(model, evaluation, config.batch_size).to_dict()
     card = ModelCard(budget=config.budget, command=command, metrics_before=record["pruned"],
                      metrics_after=record.get("recovered", {}))
     record["export"] = str(export_model(model, arch, tokenizer, out, card, force=force))
     return record
+
+
+def recovery_notes(before: Evaluation, after: Evaluation, selected_step: int) -> dict:
+    """{"notes": [...]} when the exported model is not simply better than the sliced one, else {}."""
+    notes = []
+    if selected_step == 0:
+        notes.append("no recovery step lowered the search windows' perplexity: the sliced model is exported untuned")
+    if after.perplexity > before.perplexity:
+        notes.append(f"held-out perplexity is worse after recovery ({before.perplexity:.3f} sliced, "
+                     f"{after.perplexity:.3f} exported): the held-out text differs from the training and search "
+                     "text; try fewer --recover-steps, --distill 0, or --domain with text like the held-out one")
+    return {"notes": notes} if notes else {}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     layout = RunLayout(Path(args.run))
     try:
         if not layout.config.exists():
-            raise FileNotFoundError(f"{layout.config} not found; --run must be a directory made by search.run")
+            raise RunDirectoryError(f"{layout.config} not found; --run must be a directory made by search.run")
         saved = json.loads(layout.config.read_text())
         overrides = {k: getattr(args, k) for k in ("recover_steps", "recover_windows", "lora_rank", "distill",
                                                    "domains", "task", "task_template", "shots")}
@@ -142,12 +164,13 @@ def main(argv: list[str] | None = None) -> int:
         arch = _architecture(layout, config, args.trial)
         out = Path(args.out)
         if out.exists() and not args.force:
-            raise FileExistsError(f"{out} already exists; choose another --out or pass --force")
+            raise RunDirectoryError(f"{out} already exists; choose another --out or pass --force")
         setup = prepare(config)
-        importance = load_or_compute(setup.model, setup.calibration, config.importance, layout.root)
+        importance = load_or_compute(setup.model, setup.calibration, config.importance, layout.root,
+                                     config.batch_size)  # the search's scores: taylor's depend on the batch
         record = recover_and_export(setup, importance, arch, out, "python -m search.export " + shlex.join(argv),
                                     args.force)
-    except (*USER_ERRORS, FileNotFoundError, FileExistsError, KeyError) as err:
+    except (*USER_ERRORS, RunDirectoryError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(record, indent=2))
@@ -157,13 +180,14 @@ def main(argv: list[str] | None = None) -> int:
 def _architecture(layout: RunLayout, config: RunConfig, trial: int | None) -> Architecture:
     if trial is None:
         if not layout.best_architecture.exists():
-            raise FileNotFoundError(f"{layout.best_architecture} not found; finish the search or pass --trial")
+            raise RunDirectoryError(f"{layout.best_architecture} not found; finish the search or pass --trial")
         return Architecture.from_json(layout.best_architecture.read_text())
     study = optuna.load_study(study_name=layout.study_name(config), storage=layout.storage_url(config))
     trials = [t for t in study.trials if t.number == trial]
     arch = trial_architecture(trials[0]) if trials else None
     if arch is None:
-        raise KeyError(f"trial {trial} has no measured architecture in {layout.root}; pick one from the dashboard")
+        raise RunDirectoryError(f"trial {trial} has no measured architecture in {layout.root}; "
+                                "pick one from the dashboard")
     return arch
 
 

@@ -66,10 +66,12 @@ class RunSummary:
             r = self.recovery
             tuned = r.get("recovered", r["pruned"])["perplexity"]
             steps = r["recovery"]["steps"] if "recovery" in r else 0
+            selected = f" (step {r['selected_step']} kept, best on the search windows)" if "selected_step" in r else ""
             recovery = (
-                f"\n**Exported model**: `{r['export']}` — perplexity {tuned:.3f} after {steps} LoRA steps "
+                f"\n**Exported model**: `{r['export']}` — perplexity {tuned:.3f} after {steps} LoRA steps{selected} "
                 f"(sliced {r['pruned']['perplexity']:.3f}, dense {r['dense']['perplexity']:.3f}; "
                 f"dense ÷ exported perplexity {r['dense']['perplexity'] / tuned:.1%}).\n"
+                + "".join(f"\n**Warning**: {note}.\n" for note in r.get("notes", ()))
             )
         return (
             f"## Pruning search: {self.model}\n\n"

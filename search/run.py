@@ -21,7 +21,6 @@ from dataclasses import fields, replace
 
 import optuna
 import torch
-from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
@@ -36,13 +35,20 @@ from search.config import SAMPLERS, TABLE_SAMPLERS, RunConfig, RunLayout
 from search.export import add_recovery_arguments, recover_and_export
 from search.knapsack import knapsack
 from search.objective import Objective
+from search.plan import check_fits, make_plan
 from search.report import RunSummary, best_trial, own_kendall, publish, write_atomic
 from search.sampler import AdditiveSampler, PredictorSampler, measured, trial_architecture
-from search.setup import FINAL_EVAL_WINDOWS, USER_ERRORS, Setup, prepare
+from search.setup import FINAL_EVAL_WINDOWS, USER_ERRORS, Setup, prepare, resolve_device
 from search.space import SearchSpace
-from search.study import count_trials, open_storage, open_study, retry_dead_workers
-
-FINISHED = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
+from search.study import (
+    StopAfterMeasurements,
+    count_measurements,
+    count_trials,
+    is_measurement,
+    open_storage,
+    open_study,
+    retry_dead_workers,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=d.device, help="auto, cpu or cuda[:N] (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="(default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the memory plan (budget, search space, weights, peak per stage, cost per trial) "
+                   "from the model's config alone and exit; a real run prints it first and refuses to start "
+                   "when it does not fit the device")
     recovery = add_recovery_arguments(p, d)
     recovery.add_argument("--no-export", dest="export", action="store_false",
                           help="stop after the search: no slicing, recovery or export")
@@ -213,23 +223,22 @@ def baselines(
 
 def search(study: optuna.Study, setup: Setup, importance: Importance) -> None:
     c = setup.config
-    remaining = c.trials - count_trials(study, *FINISHED)
+    remaining = c.trials - count_measurements(study)
     if remaining <= 0:
         return
     objective = Objective(setup.model, importance, setup.space, setup.search_windows, c.batch_size)
     bar = tqdm(total=c.trials, initial=c.trials - remaining, desc="trials", unit="trial")
 
     def progress(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        bar.update(1)
+        bar.update(int(is_measurement(trial)))
         _, values = measured(study)
         if len(values):
             bar.set_postfix(best=f"{values.min():.3f}", last=f"{trial.value:.3f}" if trial.value else trial.state.name)
 
     try:
-        study.optimize(
+        study.optimize(  # until the study holds c.trials measurements, whichever worker makes them
             objective,
-            n_trials=remaining,
-            callbacks=[progress, MaxTrialsCallback(c.trials, states=FINISHED)],
+            callbacks=[progress, StopAfterMeasurements(c.trials)],
             gc_after_trial=False,
         )
     finally:
@@ -249,6 +258,8 @@ def finish(study: optuna.Study, setup: Setup, importance: Importance, sensitivit
         features = FeatureBuilder(importance, sensitivity).table(archs)
         AccuracyPredictor(seed=c.seed).fit(features, values).save(layout.predictor)
     table_windows = study.user_attrs.get("sensitivity", {}).get("windows_evaluated", 0)
+    complete = count_trials(study, TrialState.COMPLETE)
+    failed = sum(t.state == TrialState.FAIL and is_measurement(t) for t in study.trials)
     tau, pairs = own_kendall(study)
     summary = RunSummary(
         model=c.model,
@@ -259,15 +270,15 @@ def finish(study: optuna.Study, setup: Setup, importance: Importance, sensitivit
         base_params=Architecture.full(arch.spec).params(),
         best_params=arch.params(),
         best_trial=best.number,
-        trials_complete=count_trials(study, TrialState.COMPLETE),
-        trials_failed=count_trials(study, TrialState.FAIL),
+        trials_complete=complete,
+        trials_failed=failed,
         base_perplexity=base["base"],
         uniform_perplexity=base["uniform"],
         threshold_perplexity=base["threshold"],
         knapsack_perplexity=base.get("knapsack"),
         best_perplexity=best_ppl,
         held_out_windows=len(setup.held_out),
-        windows_evaluated=table_windows + count_trials(study, *FINISHED) * len(setup.search_windows),
+        windows_evaluated=table_windows + (complete + failed) * len(setup.search_windows),
         predictor_kendall_tau=tau,
         predictor_pairs=pairs,
         wall_time_s=round(time.time() - started, 1),
@@ -334,6 +345,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     try:
         config = RunConfig(**{f.name: getattr(args, f.name) for f in fields(RunConfig)})
+        plan = make_plan(config, resolve_device(config.device))
+        print(plan.to_text(), file=sys.stdout if args.dry_run else sys.stderr)
+        if args.dry_run:
+            return 0
+        check_fits(plan, config)
         setup, study, importance, sensitivity = start(config)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)

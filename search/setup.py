@@ -13,7 +13,7 @@ from pruning.data import DataError, read_text, token_windows
 from pruning.metrics import default_device
 from search.budget import BudgetError, parse_budget
 from search.config import ConfigError, RunConfig, RunLayout
-from search.space import InfeasibleBudgetError, SearchSpace
+from search.space import InfeasibleBudgetError, SearchSpace, SpaceError
 from search.study import StorageError, StudyMismatchError, open_storage
 
 FINAL_EVAL_WINDOWS = 128  # evenly spread over the evaluation text: the summary and export metrics
@@ -25,6 +25,7 @@ USER_ERRORS = (
     ArchitectureError,
     DataError,
     InfeasibleBudgetError,
+    SpaceError,
     StorageError,
     StudyMismatchError,
     TaskDataError,
@@ -46,8 +47,40 @@ class Setup:
     held_out: torch.Tensor  # (K - M, T) the final windows no trial is measured on: what results are reported on
 
 
+def resolve_device(name: str) -> torch.device:
+    """`auto`, `cpu` or `cuda[:N]` as a device this machine has; ConfigError otherwise."""
+    if name == "auto":
+        return default_device()
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError(f"--device {name!r} is not a device name; give auto, cpu, cuda or cuda:N") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: this torch build sees no CUDA GPU; give --device cpu (or auto)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                          f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    return device
+
+
+def run_dtype(device: torch.device) -> torch.dtype:
+    """Weights in bf16 on CUDA, float32 on the CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def check_seq_len(config: RunConfig, model_config) -> None:
+    """Refuse windows longer than the positions the model was trained on: quality is meaningless there,
+    and attention's cost grows with the square of the length."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if limit and config.seq_len > limit:
+        raise ConfigError(f"--seq-len {config.seq_len} is beyond the {limit} positions {config.model} was trained "
+                          f"on (max_position_embeddings); give --seq-len {limit} or less")
+
+
 def prepare(config: RunConfig) -> Setup:
     model_config = adapter.load_config(config.model)
+    check_seq_len(config, model_config)
+    device = resolve_device(config.device)
     spec = adapter.spec_from_config(model_config, config.model)
     budget = parse_budget(config.budget, Architecture.full(spec).params())
     space = SearchSpace(spec, budget, ffn_step=config.ffn_step, allow_drop=config.allow_drop)
@@ -70,9 +103,7 @@ def prepare(config: RunConfig) -> Setup:
             f"the evaluation text gives {len(final)} windows and the search measures all of them, so none is left "
             "to report on; give more evaluation text or fewer --search-windows"
         )
-    device = default_device() if config.device == "auto" else torch.device(config.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = adapter.load_model(config.model, device, dtype)
+    model = adapter.load_model(config.model, device, run_dtype(device))
     layout = RunLayout(config.run_dir())
     return Setup(config, layout, space, model, tokenizer, calibration, final[picked], final, held_out)
 

@@ -24,6 +24,10 @@ from pruning.architecture import Architecture, LayerShape, ModelSpec
 from pruning.importance import Importance
 
 
+class SpaceError(ValueError):
+    pass
+
+
 class InfeasibleBudgetError(ValueError):
     pass
 
@@ -41,7 +45,8 @@ class SearchSpace:
     def __post_init__(self) -> None:
         s = self.spec
         if self.ffn_step < 1 or self.ffn_step > s.intermediate_size:
-            raise ValueError(f"ffn_step must be in 1..{s.intermediate_size}, got {self.ffn_step}")
+            raise SpaceError(f"--ffn-step must be in 1..{s.intermediate_size} (the model's FFN width), "
+                             f"got {self.ffn_step}; the default is 8")
         if not 0 < self.tolerance < 1:
             raise ValueError(f"tolerance must be in (0, 1), got {self.tolerance}")
         pairs = [(kv, h) for kv in range(1, s.num_kv_heads + 1) for h in range(1, s.group_size + 1)]

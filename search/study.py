@@ -6,6 +6,10 @@ Storage URLs:
     journal:runs/x/journal.log     several processes on one machine through a lock-protected file
 For journal files, which have no heartbeat, a running trial whose worker process on
 this host is gone is failed and its parameters are queued again (`retry_dead_workers`).
+
+`--trials N` asks for N measurements (`is_measurement`): a trial whose worker died or
+was interrupted mid-measurement is not one, so the run goes on until N trials have
+measured (its queued retry, on any storage, measures the same architecture).
 """
 
 from __future__ import annotations
@@ -112,3 +116,27 @@ def _alive(pid: int) -> bool:
 
 def count_trials(study: optuna.Study, *states: TrialState) -> int:
     return len(study.get_trials(deepcopy=False, states=states))
+
+
+def is_measurement(trial: optuna.trial.FrozenTrial) -> bool:
+    """Measured, skipped as a duplicate, or failed on its own (out of memory, non-finite metric: the
+    objective writes "error"); not a trial whose worker was killed or interrupted while measuring."""
+    return trial.state in (TrialState.COMPLETE, TrialState.PRUNED) or (
+        trial.state == TrialState.FAIL and "error" in trial.user_attrs
+    )
+
+
+def count_measurements(study: optuna.Study) -> int:
+    return sum(is_measurement(t) for t in study.get_trials(deepcopy=False))
+
+
+class StopAfterMeasurements:
+    """Optuna callback: stop the study once it holds `n` measurements (`MaxTrialsCallback` counts
+    every failed trial, killed ones included, so a killed trial would cost the user a measurement)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if count_measurements(study) >= self.n:
+            study.stop()

@@ -10,6 +10,8 @@ from search.config import RunConfig
 
 pytest.importorskip("torch_pruning")
 
+pytestmark = pytest.mark.slow  # end to end: runs, subprocesses or servers
+
 
 def search_args(root):
     """search.run arguments that make the tiny model's data, windows and recovery small."""
@@ -66,6 +68,17 @@ def test_held_out_windows_exclude_the_search_windows(tiny_model_dir):
     held = setup.held_out
     assert len(held) == len(setup.final_windows) - len(setup.search_windows)
     assert not (held[:, None, :] == setup.search_windows[None]).all(-1).any()
+
+
+def test_our_methods_failing_is_an_error_not_a_row(tiny_model_dir, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("a regression in our own scoring")
+
+    monkeypatch.setattr(compare, "compute_importance", broken)
+    out = tmp_path / "compare"
+    with pytest.raises(RuntimeError, match="a regression"):
+        compare.main(argv(tiny_model_dir, out, "--methods", "uniform"))
+    assert not (out / "results.md").exists()
 
 
 @pytest.mark.parametrize("removed", ["120%", "0%", "half"])

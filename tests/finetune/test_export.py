@@ -115,7 +115,7 @@ def round_trip(tmp_path_factory):
     script, spec = root / "check.py", root / "cases.json"
     script.write_text(CHECK)
     spec.write_text(json.dumps(cases))
-    site_dirs = [p for p in site.getsitepackages() if "work/main" not in p]
+    site_dirs = site.getsitepackages()  # -S: no .pth files, so no editable install of this project
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(root / "hf"), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-I", "-S", str(script), json.dumps(site_dirs), str(spec)],
                          cwd=root, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
@@ -123,11 +123,13 @@ def round_trip(tmp_path_factory):
     return expected, json.loads(run.stdout.strip().splitlines()[-1]), tokenizer
 
 
+@pytest.mark.slow  # the round trip: a fresh interpreter loads every export
 def test_fresh_process_cannot_import_the_project(round_trip):
     _, results, _ = round_trip
     assert results["pruning_importable"] is False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CASES)
 def test_round_trip_reproduces_logits_and_generates(name, round_trip):
     expected, results, tokenizer = round_trip
@@ -145,6 +147,7 @@ def test_round_trip_reproduces_logits_and_generates(name, round_trip):
 
 
 @pytest.mark.parametrize("name", CASES)
+@pytest.mark.slow  # the round trip: a fresh interpreter loads every export
 def test_layout_matches_uniformity(name, round_trip):
     expected, _, _ = round_trip
     out, arch = expected[name]["dir"], expected[name]["arch"]
@@ -161,6 +164,7 @@ def test_layout_matches_uniformity(name, round_trip):
             arch.layers[0].kv_heads, arch.layers[0].query_heads, arch.layers[0].ffn_channels)
     else:
         assert config["model_type"] == f"pruned_{arch.spec.family}"
+        assert config["head_dim"] == arch.spec.head_dim  # written out even where the hub config has none
         assert config["layer_shapes"] == [
             {"kv_heads": x.kv_heads, "heads_per_group": x.heads_per_group, "ffn_channels": x.ffn_channels}
             for x in arch.layers
@@ -176,6 +180,7 @@ def test_uniformity_rule():
     assert is_uniform(Architecture(spec, (LayerShape(0, 0, 24),) * 3)) is False
 
 
+@pytest.mark.slow  # the round trip: a fresh interpreter loads every export
 def test_model_card_lists_budget_params_shapes_metrics_and_command(round_trip):
     expected, _, _ = round_trip
     text = (expected["llama-mixed"]["dir"] / "README.md").read_text()

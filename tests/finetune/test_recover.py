@@ -113,6 +113,45 @@ def test_distillation_and_dynamic_batch_loading_over_text_and_task_domains():
     assert sum(result.losses[-5:]) < sum(result.losses[:5])
 
 
+def test_validation_keeps_the_best_checked_state():
+    model, arch, importance = sliced()
+    slice_model(model, arch, importance)
+    windows = pattern_windows()
+    config = RecoveryConfig(steps=20, eval_every=5, **FAST)
+    out, result = recover(model, [lm_domain("text", windows)], config, evaluation=EvalData(windows),
+                          progress=False, validation=EvalData(windows[:4]))
+    steps, ppls = zip(*result.validation, strict=True)
+    assert steps == (0, 5, 10, 15, 20)
+    best = min(range(len(ppls)), key=ppls.__getitem__)
+    assert result.selected_step == steps[best] > 0
+    # the kept adapters are the measured ones: the merged model scores what was measured at that step
+    assert recover_module.evaluate(out, EvalData(windows[:4]), 4).perplexity == pytest.approx(ppls[best], rel=1e-4)
+
+
+def test_recovery_that_only_hurts_validation_hands_back_the_sliced_model():
+    model, arch, importance = sliced()
+    slice_model(model, arch, importance)
+    learned = pattern_windows() + 30  # tokens 40..46, which the model first learns well
+    model, _ = recover(model, [lm_domain("learned", learned)], RecoveryConfig(steps=30, **FAST), progress=False)
+    state = {n: p.detach().clone() for n, p in model.named_parameters()}
+    config = RecoveryConfig(steps=10, eval_every=2, **FAST)  # then tuning on tokens 10..16 only costs it
+    out, result = recover(model, [lm_domain("text", pattern_windows())], config, evaluation=EvalData(learned),
+                          progress=False, validation=EvalData(learned))
+    assert result.selected_step == 0
+    assert all(ppl > result.validation[0][1] for _, ppl in result.validation[1:])
+    assert not any("lora" in name.lower() for name, _ in out.named_modules())
+    assert all(torch.equal(p, state[n]) for n, p in out.named_parameters())
+    assert result.after.perplexity == result.before.perplexity
+
+
+def test_without_validation_the_last_step_is_kept():
+    model, arch, importance = sliced()
+    slice_model(model, arch, importance)
+    _, result = recover(model, [lm_domain("text", pattern_windows())], RecoveryConfig(steps=3, **FAST),
+                        progress=False)
+    assert (result.selected_step, result.validation) == (3, ())
+
+
 def test_a_failed_run_hands_back_the_model_unchanged(monkeypatch):
     model, arch, importance = sliced()
     slice_model(model, arch, importance)
@@ -156,6 +195,7 @@ def test_inputs_are_checked_before_training():
     ({"distill_weight": 1.5}, r"distill_weight \(the KL share of the loss\) must be in \[0, 1\]"),
     ({"domain_eta": -1.0}, "domain_eta must be >= 0"),
     ({"gradient_checkpointing": "yes"}, "gradient_checkpointing must be True, False or None"),
+    ({"eval_every": 0}, "eval_every must be a positive integer or None"),
 ])
 def test_config_errors_say_what_to_change(settings, message):
     with pytest.raises(RecoveryConfigError, match=message):

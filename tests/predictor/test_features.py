@@ -98,7 +98,7 @@ def test_features_of_5000_architectures_of_a_32_layer_model_are_fast():
                      tuple(rng.random(14336) for _ in range(32)))
     builder = FeatureBuilder(imp)
     pool = [random_architecture(spec, rng) for _ in range(100)] * 50
-    start = time.perf_counter()
+    start = time.process_time()  # this process's CPU seconds: other jobs on a shared machine do not count
     table = builder.table(pool)
-    assert time.perf_counter() - start < 2.0
+    assert time.process_time() - start < 2.0
     assert table.shape == (5000, 13 + 7 * 32)

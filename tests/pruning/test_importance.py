@@ -9,11 +9,12 @@ from tests.conftest import tiny_model
 @pytest.mark.parametrize("method", METHODS)
 def test_scores_are_deterministic_and_shaped(method, windows):
     a = compute_importance(tiny_model("qwen2"), windows, method, batch_size=4)
-    # Taylor sums |x·g| per batch by definition; the running statistics do not depend on batching.
+    # Taylor sums |x·g| per batch by definition; the running statistics do not depend on batching, up to
+    # float32 rounding: passes of a different batch shape may take other kernels and summation orders.
     b = compute_importance(tiny_model("qwen2"), windows, method, batch_size=4 if method == "taylor" else 3)
     assert a.heads[0].shape == (2, 3) and a.channels[2].shape == (40,)
     for x, y in zip(a.heads + a.channels, b.heads + b.channels, strict=True):
-        np.testing.assert_allclose(x, y, rtol=1e-9)
+        np.testing.assert_allclose(x, y, rtol=1e-5)
         assert (x >= 0).all() and x.sum() > 0
 
 
@@ -32,6 +33,15 @@ def test_cache_is_reused_and_keyed_by_data(tmp_path, windows):
         assert np.array_equal(x, y)
     load_or_compute(model, windows[:3], "wanda", tmp_path)
     assert len(list(tmp_path.glob("importance-wanda-*.safetensors"))) == 2
+
+
+def test_cache_is_keyed_by_batch_size_where_scores_depend_on_it(tmp_path, windows):
+    model = tiny_model("llama")
+    for batch_size in (4, 2):
+        load_or_compute(model, windows, "taylor", tmp_path, batch_size)
+        load_or_compute(model, windows, "wanda", tmp_path, batch_size)
+    assert len(list(tmp_path.glob("importance-taylor-*.safetensors"))) == 2
+    assert len(list(tmp_path.glob("importance-wanda-*.safetensors"))) == 1
 
 
 def test_unknown_method_is_named(windows):

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import zipfile
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -38,6 +39,7 @@ def test_reference_model_is_trained():
     assert perplexity(model, windows) < 200
 
 
+@pytest.mark.slow
 def test_wheel_ships_the_model_and_texts(tmp_path):
     root = reference.MODEL_DIR.parents[1]
     source = tmp_path / "source"  # a copy, so the build leaves nothing in the work tree

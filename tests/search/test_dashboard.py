@@ -17,6 +17,8 @@ from search import run
 from search.sampler import ARCH_ATTR
 from tests.search.test_run import args
 
+pytestmark = pytest.mark.slow  # end to end: runs, subprocesses or servers
+
 TIMEOUT_S = 30
 
 

@@ -4,6 +4,7 @@ import json
 
 import optuna
 import pytest
+import torch
 from optuna.trial import TrialState
 
 from pruning.architecture import Architecture
@@ -31,6 +32,7 @@ def finished_run(tiny_model_dir, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_run_writes_everything_a_person_needs(finished_run):
     out = finished_run
     for name in ("study.db", "run.json", "best_architecture.json", "summary.json", "summary.md", "predictor", "model"):
@@ -41,22 +43,54 @@ def test_run_writes_everything_a_person_needs(finished_run):
     assert summary["best_params"] == arch.params()
     assert 0.995 * summary["budget_params"] <= arch.params() <= summary["budget_params"]
     assert summary["dashboard"] == f"optuna-dashboard sqlite:///{out}/study.db"
-    assert summary["best_perplexity"] < summary["base_perplexity"] * 100
+    complete = load(out).get_trials(states=(TrialState.COMPLETE,))
+    assert summary["best_trial"] == min(complete, key=lambda t: t.value).number
 
 
+@pytest.mark.slow
+def test_summary_perplexities_are_the_models_on_the_final_windows(finished_run):
+    from pruning.importance import load_or_compute
+    from pruning.masking import masked
+    from pruning.metrics import perplexity
+    from search.config import RunConfig
+    from search.setup import prepare
+
+    summary = json.loads((finished_run / "summary.json").read_text())
+    setup = prepare(RunConfig(**json.loads((finished_run / "run.json").read_text())))
+    config = setup.config
+    importance = load_or_compute(setup.model, setup.calibration, config.importance, finished_run, config.batch_size)
+    arch = Architecture.from_json((finished_run / "best_architecture.json").read_text())
+    assert summary["base_perplexity"] == pytest.approx(perplexity(setup.model, setup.final_windows), rel=1e-6)
+    with masked(setup.model, arch, importance):
+        assert summary["best_perplexity"] == pytest.approx(perplexity(setup.model, setup.final_windows), rel=1e-6)
+
+
+@pytest.mark.slow
 def test_run_exports_the_recovered_best_model(finished_run):
     from transformers import AutoModelForCausalLM
 
     summary = json.loads((finished_run / "summary.json").read_text())
     recovery = summary["recovery"]
     assert recovery["export"] == str(finished_run / "model")
-    assert set(recovery) >= {"dense", "pruned", "recovered"}
-    assert recovery["recovered"]["perplexity"] > 0
+    assert set(recovery) >= {"dense", "pruned", "recovered", "selected_step", "validation"}
+    steps, ppls = zip(*recovery["validation"], strict=True)
+    assert steps == (0, 1, 2, 3)  # the sliced model, then every step of three
+    assert recovery["selected_step"] == steps[ppls.index(min(ppls))]
+    markdown = (finished_run / "summary.md").read_text()
+    assert f"after 3 LoRA steps (step {recovery['selected_step']} kept, best on the search windows)" in markdown
+    assert markdown.count("**Warning**") == len(recovery.get("notes", []))
     model = AutoModelForCausalLM.from_pretrained(finished_run / "model", trust_remote_code=True)
     assert sum(p.numel() for p in model.parameters()) == summary["best_params"]
+    from pruning.metrics import perplexity
+    from search.config import RunConfig
+    from search.setup import prepare
+
+    final = prepare(RunConfig(**json.loads((finished_run / "run.json").read_text()))).final_windows
+    assert recovery["recovered"]["perplexity"] == pytest.approx(perplexity(model, final), rel=1e-5)
     assert load(finished_run).user_attrs["recovery"] == recovery
 
 
+@pytest.mark.slow
 def test_trials_record_what_was_measured_and_predicted(finished_run):
     study = load(finished_run)
     trials = study.get_trials(states=(TrialState.COMPLETE,))
@@ -95,6 +129,7 @@ def test_the_search_starts_from_the_knapsack_and_reports_on_held_out_windows(fin
     assert summary["windows_evaluated"] == study.user_attrs["sensitivity"]["windows_evaluated"] + 9 * 4
 
 
+@pytest.mark.slow
 def test_rerun_resumes_without_remeasuring(finished_run, tiny_model_dir):
     before = {t.number: (t.value, t.datetime_complete) for t in load(finished_run).trials}
     assert run.main(args(tiny_model_dir, finished_run, "--budget", "75%", "--trials", "11")) == 0
@@ -103,6 +138,7 @@ def test_rerun_resumes_without_remeasuring(finished_run, tiny_model_dir):
     assert {t.number: (t.value, t.datetime_complete) for t in after[:9]} == before
 
 
+@pytest.mark.slow
 def test_mismatched_study_is_refused(finished_run, tiny_model_dir, capsys):
     assert run.main(args(tiny_model_dir, finished_run, "--budget", "60%", "--trials", "11")) == 2
     assert "already exists for a different budget" in capsys.readouterr().err
@@ -116,6 +152,13 @@ def test_mismatched_study_is_refused(finished_run, tiny_model_dir, capsys):
         (["--budget", "1K"], "raise the budget"),
         (["--sampler", "anneal"], "unknown sampler 'anneal'"),
         (["--storage", "postgresql://nobody@127.0.0.1:1/none"], "cannot open storage"),
+        pytest.param(["--device", "cuda"], "sees no CUDA GPU; give --device cpu",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+        (["--device", "cuda:x"], "not a device name"),
+        (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+        (["--ffn-step", "0"], "--ffn-step must be at least 1, got 0"),
+        (["--ffn-step", "100000"], "--ffn-step must be in 1..40 (the model's FFN width), got 100000"),
+        (["--seq-len", "65"], "--seq-len 65 is beyond the 64 positions"),
     ],
 )
 def test_bad_input_exits_2_and_writes_nothing(tiny_model_dir, tmp_path, capsys, extra, message):
@@ -131,6 +174,7 @@ def test_missing_model_is_named(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_interrupt_keeps_finished_trials_and_says_how_to_resume(tiny_model_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     measure = Objective.measure
@@ -151,20 +195,38 @@ def test_interrupt_keeps_finished_trials_and_says_how_to_resume(tiny_model_dir, 
     monkeypatch.setattr(Objective, "measure", measure)
     assert run.main(command) == 0
     trials = load(out).trials
-    assert [t.state for t in trials[:2]] == [TrialState.COMPLETE] * 2
-    assert sum(t.state == TrialState.COMPLETE for t in trials) == 5
+    assert [t.state for t in trials[:3]] == [TrialState.COMPLETE] * 2 + [TrialState.FAIL]
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 6  # the interrupted trial is not a measurement
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["tpe", "cmaes", "gp"])
 def test_peer_samplers_search_the_same_space(tiny_model_dir, tmp_path, sampler):
     out = tmp_path / sampler
     assert run.main(args(tiny_model_dir, out, "--budget", "75%", "--trials", "6", "--sampler", sampler)) == 0
-    for t in load(out).get_trials(states=(TrialState.COMPLETE,)):
+    budget = load(out).user_attrs["identity"]["budget"]
+    complete = load(out).get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) + len(load(out).get_trials(states=(TrialState.PRUNED,))) == 6
+    for t in complete:
         arch = Architecture.from_json(t.user_attrs[ARCH_ATTR])
-        assert 0.995 * load(out).user_attrs["identity"]["budget"] <= arch.params()
+        assert 0.995 * budget <= arch.params() <= budget
+        assert t.user_attrs["params"] == arch.params() and t.value > 1
 
 
 
+def test_recovery_notes_say_when_the_export_is_not_better():
+    from finetune.evaluate import Evaluation
+    from search.export import recovery_notes
+
+    assert recovery_notes(Evaluation(20.0), Evaluation(18.0), 40) == {}
+    assert recovery_notes(Evaluation(20.0), Evaluation(20.0), 0) == {"notes": [
+        "no recovery step lowered the search windows' perplexity: the sliced model is exported untuned"]}
+    worse = recovery_notes(Evaluation(133.3), Evaluation(155.3), 20)["notes"]
+    assert len(worse) == 1 and worse[0].startswith("held-out perplexity is worse after recovery (133.300 sliced, "
+                                                   "155.300 exported)")
+
+
+@pytest.mark.slow
 def test_export_cli_on_a_finished_run(finished_run, tmp_path, capsys):
     from search import export
 
@@ -179,8 +241,24 @@ def test_export_cli_on_a_finished_run(finished_run, tmp_path, capsys):
     assert export.main(command) == 2
     assert "already exists" in capsys.readouterr().err
     assert export.main(["--run", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
+    assert "--run must be a directory made by search.run" in capsys.readouterr().err
+    assert export.main(["--run", str(finished_run), "--trial", "999", "--out", str(tmp_path / "y")]) == 2
+    assert "trial 999 has no measured architecture" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_export_cli_does_not_hide_programming_errors(finished_run, tmp_path, monkeypatch):
+    from search import export
+
+    def broken(*args, **kwargs):
+        raise KeyError("a bug, not the user's input")
+
+    monkeypatch.setattr(export, "recover_and_export", broken)
+    with pytest.raises(KeyError, match="a bug"):
+        export.main(["--run", str(finished_run), "--out", str(tmp_path / "z"), "--recover-steps", "0"])
+
+
+@pytest.mark.slow
 def test_export_cli_tunes_on_several_domains_and_a_task(finished_run, tiny_model_dir, tmp_path, capsys):
     from search import export
 

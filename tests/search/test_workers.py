@@ -24,7 +24,10 @@ from search.objective import WORKER
 from search.sampler import ARCH_ATTR
 from search.space import SearchSpace
 from search.study import open_storage, retry_dead_workers
+from tests.conftest import service_unavailable
 from tests.search.test_run import args
+
+pytestmark = pytest.mark.slow  # real worker processes and end-to-end runs
 
 ROOT = Path(__file__).resolve().parents[2]
 # A bare postgresql:// URL, as users write it (SQLAlchemy 2 maps it to psycopg 3, which the postgres extra installs).
@@ -89,7 +92,9 @@ def check_shared_study(study, workers, storage):
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     archs = [t.user_attrs[ARCH_ATTR] for t in complete]
     assert len(set(archs)) == len(archs), "an architecture was measured twice"
-    assert {t.user_attrs["worker"] for t in complete} == {f"{HOST}:{w.process.pid}" for w in workers}
+    # every measurement is one of these workers'; how many each made depends on the scheduler (one may start
+    # after the other has finished them all), so that both measured is not asserted
+    assert {t.user_attrs["worker"] for t in complete} <= {f"{HOST}:{w.process.pid}" for w in workers}
     for w in workers:  # each worker summarised the shared study into its own run directory
         summary = json.loads((w.out / "summary.json").read_text())
         assert (summary["study_name"], summary["storage"]) == (study.study_name, storage)
@@ -103,7 +108,7 @@ def postgres_url():
     try:
         admin = psycopg.connect(POSTGRES, connect_timeout=5, autocommit=True)
     except psycopg.OperationalError as err:
-        pytest.fail(f"these tests need PostgreSQL at {POSTGRES} (or set PRUNESEARCH_TEST_POSTGRES): {err}")
+        service_unavailable(f"needs PostgreSQL at {POSTGRES} (or set PRUNESEARCH_TEST_POSTGRES): {err}")
     schema = f"prunesearch_{uuid.uuid4().hex[:12]}"
     with admin.cursor() as cursor:
         cursor.execute(f"CREATE SCHEMA {schema}")
@@ -113,7 +118,7 @@ def postgres_url():
     admin.close()
 
 
-@pytest.mark.parametrize("backend", ["postgresql", "journal"])
+@pytest.mark.parametrize("backend", [pytest.param("postgresql", marks=pytest.mark.postgres), "journal"])
 def test_two_worker_processes_share_one_study(backend, tiny_model_dir, evaluation, tmp_path, request):
     storage = request.getfixturevalue("postgres_url") if backend == "postgresql" else f"journal:{tmp_path}/journal.log"
     name = f"workers-{uuid.uuid4().hex[:12]}"
@@ -162,9 +167,11 @@ def dead_pid():
     return process.pid
 
 
-def test_a_dead_workers_trial_is_failed_requeued_and_measured(tiny_model_dir, evaluation, tmp_path):
-    storage = f"journal:{tmp_path}/journal.log"
+@pytest.mark.parametrize("backend", ["sqlite", "journal", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_a_dead_workers_trial_is_failed_requeued_and_measured(backend, tiny_model_dir, evaluation, tmp_path, request):
     out = tmp_path / "run"
+    storage = {"sqlite": f"sqlite:///{tmp_path}/study.db", "journal": f"journal:{tmp_path}/journal.log"}.get(backend) \
+        or request.getfixturevalue("postgres_url")
     assert run.main(cli(tiny_model_dir, evaluation, out, "--trials", "5", "--storage", storage)) == 0
     study = optuna.load_study(study_name="run", storage=open_storage(storage))
     dead, params, arch_json = abandoned_trial(study, f"{HOST}:{dead_pid()}")
@@ -179,10 +186,13 @@ def test_a_dead_workers_trial_is_failed_requeued_and_measured(tiny_model_dir, ev
     assert retry_dead_workers(study) == []
 
     assert run.main(cli(tiny_model_dir, evaluation, out, "--trials", "7", "--storage", storage)) == 0
-    retried = study.get_trials()[9]
+    trials = study.get_trials()
+    retried = trials[9]
     assert (retried.state, retried.params, retried.user_attrs[ARCH_ATTR]) == (TrialState.COMPLETE, params, arch_json)
     assert retried.user_attrs["worker"] == WORKER
-    assert len(study.get_trials()) == 10
+    # seven measurements asked for, seven made: the killed trial is not one of them
+    assert [t.number for t in trials if t.state == TrialState.COMPLETE] == [0, 1, 2, 3, 4, 9, 10]
+    assert json.loads((out / "summary.json").read_text())["trials_failed"] == 0
 
 
 def test_a_trial_with_a_stale_heartbeat_is_failed_and_measured_again(tiny_model_dir, evaluation, tmp_path):
@@ -200,7 +210,8 @@ def test_a_trial_with_a_stale_heartbeat_is_failed_and_measured_again(tiny_model_
 
     assert run.main(cli(tiny_model_dir, evaluation, out, "--trials", "7")) == 0
     trials = study.get_trials()
-    assert [t.state for t in trials] == [TrialState.COMPLETE] * 5 + [TrialState.FAIL, TrialState.COMPLETE]
+    # seven measurements asked for: the stale trial's retry is one, and one more is made
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 5 + [TrialState.FAIL] + [TrialState.COMPLETE] * 2
     retried = trials[6]
     assert (retried.system_attrs["failed_trial"], retried.params, retried.user_attrs[ARCH_ATTR]) == (
         stale.number,
