@@ -33,14 +33,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 
 from finetune import card as model_card
 from finetune.card import ModelCard
-from pruning import modeling_pruned
+from pruning.adapter import FAMILIES
 from pruning.architecture import Architecture
 
-PRUNED_CLASSES = {
-    "llama": (modeling_pruned.PrunedLlamaConfig, modeling_pruned.PrunedLlamaForCausalLM),
-    "mistral": (modeling_pruned.PrunedMistralConfig, modeling_pruned.PrunedMistralForCausalLM),
-    "qwen2": (modeling_pruned.PrunedQwen2Config, modeling_pruned.PrunedQwen2ForCausalLM),
-}
 # Keys of a saved config that describe the saved class, not the model.
 _CLASS_KEYS = ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path")
 
@@ -66,7 +61,7 @@ def export_config(config: PretrainedConfig, arch: Architecture) -> PretrainedCon
             return AutoConfig.for_model(arch.spec.family, **{**base, **dims})
         except (ValueError, StrictDataclassError):
             pass  # the stock config rejects these dimensions: fall through to the per-layer layout
-    config_cls, _ = PRUNED_CLASSES[arch.spec.family]
+    config_cls = FAMILIES[arch.spec.family].pruned_config
     shapes = [{"kv_heads": x.kv_heads, "heads_per_group": x.heads_per_group, "ffn_channels": x.ffn_channels}
               for x in arch.layers]
     return config_cls(**base, layer_shapes=shapes)
@@ -76,8 +71,9 @@ def _export_model(model: PreTrainedModel, arch: Architecture) -> PreTrainedModel
     """An instance of the exported class that shares `model`'s tensors (built on meta, then assigned)."""
     config = export_config(model.config, arch)
     with torch.device("meta"):
-        if isinstance(config, tuple(config_cls for config_cls, _ in PRUNED_CLASSES.values())):
-            config_cls, model_cls = PRUNED_CLASSES[arch.spec.family]
+        family = FAMILIES[arch.spec.family]
+        if isinstance(config, family.pruned_config):
+            config_cls, model_cls = family.pruned_config, family.pruned_model
             config_cls.register_for_auto_class()
             model_cls.register_for_auto_class("AutoModelForCausalLM")
             target = model_cls(config)

@@ -13,14 +13,29 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
+from pruning import modeling_pruned
 from pruning.architecture import ModelSpec
 from pruning.modeling_pruned import DroppedAttention, DroppedMLP  # shared with exported models' remote code
 
-# model_type -> the class name users know
-SUPPORTED = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
+
+@dataclass(frozen=True)
+class Family:
+    """What every part of the tool needs to know about one supported model family."""
+
+    class_name: str  # the stock transformers class users know
+    pruned_config: type[PretrainedConfig]  # per-layer export (remote code): config and model classes
+    pruned_model: type[PreTrainedModel]
+    gguf_arch: str  # llama.cpp architecture of a uniform GGUF export (per-layer shapes use "deci")
+
+
+# model_type -> Family: the one table the adapter, the HF export and the GGUF export read
+FAMILIES = {
+    "llama": Family("LlamaForCausalLM", modeling_pruned.PrunedLlamaConfig, modeling_pruned.PrunedLlamaForCausalLM,
+                    "llama"),
+    "mistral": Family("MistralForCausalLM", modeling_pruned.PrunedMistralConfig,
+                      modeling_pruned.PrunedMistralForCausalLM, "llama"),
+    "qwen2": Family("Qwen2ForCausalLM", modeling_pruned.PrunedQwen2Config, modeling_pruned.PrunedQwen2ForCausalLM,
+                    "llama"),
 }
 
 
@@ -30,8 +45,8 @@ class UnsupportedModelError(ValueError):
 
 def _check_family(config: PretrainedConfig, name: str) -> str:
     family = getattr(config, "model_type", None)
-    if family not in SUPPORTED:
-        supported = ", ".join(SUPPORTED.values())
+    if family not in FAMILIES:
+        supported = ", ".join(f.class_name for f in FAMILIES.values())
         raise UnsupportedModelError(
             f"{name} is a {family!r} model; supported are {supported} (and checkpoints of those families)"
         )
@@ -60,6 +75,25 @@ def spec_from_config(config: PretrainedConfig, base_model: str) -> ModelSpec:
         o_bias=family == "llama" and attention_bias,
         mlp_bias=family == "llama" and bool(getattr(config, "mlp_bias", False)),
     )
+
+
+@dataclass(frozen=True)
+class EngineParams:
+    """What an inference engine needs beyond the shapes: norm epsilon, rotary base, context length."""
+
+    rms_norm_eps: float
+    rope_theta: float
+    context_length: int
+
+
+def engine_params(config: PretrainedConfig) -> EngineParams:
+    """Read them from a supported config; only plain rotary embeddings (rope_type "default") are supported."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        raise UnsupportedModelError(f"rope_type {rope['rope_type']!r} is not supported for engine export; "
+                                    "only plain rotary embeddings (rope_type 'default') are")
+    return EngineParams(rms_norm_eps=float(config.rms_norm_eps), rope_theta=float(rope.get("rope_theta", 10000.0)),
+                        context_length=int(config.max_position_embeddings))
 
 
 def model_spec(model: PreTrainedModel) -> ModelSpec:
@@ -109,6 +143,10 @@ class LayerParts:
 
 def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
     return model.get_decoder().layers
+
+
+def final_norm(model: PreTrainedModel) -> nn.Module:
+    return model.get_decoder().norm
 
 
 def layer_parts(layer: nn.Module) -> LayerParts:
