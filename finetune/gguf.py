@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -143,8 +144,19 @@ def _tokenizer_pre(data: dict) -> str:
                           "supported are GPT-2 byte-level BPE, Llama 3 and Qwen2 BPE")
 
 
-def _write_vocab(gguf, writer, tokenizer, vocab_size: int) -> None:
-    """Embed a byte-level BPE tokenizer (token list, types, merges, special ids), as llama.cpp's converter does."""
+@dataclass(frozen=True)
+class Vocab:
+    """A byte-level BPE tokenizer as llama.cpp's `gpt2` tokenizer model holds it."""
+
+    pre: str  # llama.cpp's pre-tokenizer name
+    tokens: tuple[str, ...]  # one per embedding row
+    types: tuple[int, ...]  # gguf.TokenType per token
+    special: object  # gguf.SpecialVocab: merges, special token ids, add_bos/add_eos
+
+
+def read_vocab(tokenizer, vocab_size: int) -> Vocab:
+    """Convert a byte-level BPE tokenizer as llama.cpp's converter does; GGUFExportError for any other."""
+    gguf = _gguf()
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
         path = Path(tmp) / "tokenizer.json"
@@ -156,27 +168,38 @@ def _write_vocab(gguf, writer, tokenizer, vocab_size: int) -> None:
                 f"(decoder {decoder.get('type')}) to GGUF: only byte-level BPE tokenizers (GPT-2 style, Llama 3, "
                 "Qwen2) are supported; SentencePiece tokenizers (Llama 2, Mistral) are not yet")
         pre = _tokenizer_pre(data)
-        vocab, added = tokenizer.get_vocab(), tokenizer.added_tokens_decoder
-        if max(vocab.values()) >= vocab_size:
-            raise GGUFExportError(f"the tokenizer has ids up to {max(vocab.values())} but the model only "
-                                  f"{vocab_size} embeddings; export the tokenizer the model was trained with")
-        reverse = {i: t for t, i in vocab.items()}
-        tokens, types = [], []
-        for i in range(vocab_size):
-            if i not in reverse:
-                tokens.append(f"[PAD{i}]")
-                types.append(gguf.TokenType.UNUSED)
-                continue
+        special = gguf.SpecialVocab(tmp, load_merges=True, n_vocab=vocab_size)
+    vocab, added = tokenizer.get_vocab(), tokenizer.added_tokens_decoder
+    if max(vocab.values()) >= vocab_size:
+        raise GGUFExportError(f"the tokenizer has ids up to {max(vocab.values())} but the model only "
+                              f"{vocab_size} embeddings; export the tokenizer the model was trained with")
+    reverse = {i: t for t, i in vocab.items()}
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in reverse:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        else:
             tokens.append(reverse[i])
-            if i in added:
-                types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
-            else:
-                types.append(gguf.TokenType.NORMAL)
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(pre)
-        writer.add_token_list(tokens)
-        writer.add_token_types(types)
-        gguf.SpecialVocab(tmp, load_merges=True, n_vocab=vocab_size).add_to_gguf(writer, quiet=True)
+            special_token = i in added and added[i].special
+            types.append(gguf.TokenType.CONTROL if special_token else
+                         gguf.TokenType.USER_DEFINED if i in added else gguf.TokenType.NORMAL)
+    return Vocab(pre, tuple(tokens), tuple(types), special)
+
+
+def check_export(arch: Architecture, tokenizer, gguf_type: str) -> None:
+    """Everything `export_gguf` would refuse, checked up front: the gguf package, the architecture, the tokenizer."""
+    _gguf()
+    check_architecture(arch, gguf_type)
+    read_vocab(tokenizer, arch.spec.vocab_size)
+
+
+def _write_vocab(writer, vocab: Vocab) -> None:
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(vocab.pre)
+    writer.add_token_list(list(vocab.tokens))
+    writer.add_token_types(list(vocab.types))
+    vocab.special.add_to_gguf(writer, quiet=True)
 
 
 def _add_tensor(gguf, writer, name: str, array: np.ndarray, gguf_type: str) -> None:
@@ -235,6 +258,7 @@ def export_gguf(model: PreTrainedModel, arch: Architecture, tokenizer, out_path:
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; choose another path or pass force=True (--force)")
     check_architecture(arch, gguf_type)
+    vocab = read_vocab(tokenizer, arch.spec.vocab_size)
     arch_name = adapter.FAMILIES[arch.spec.family].gguf_arch if is_uniform(arch) else "deci"
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
@@ -243,7 +267,7 @@ def export_gguf(model: PreTrainedModel, arch: Architecture, tokenizer, out_path:
     try:
         writer = gguf.GGUFWriter(tmp, arch_name)
         writer.add_name(Path(arch.spec.base_model).name + "-pruned")
-        _write_vocab(gguf, writer, tokenizer, arch.spec.vocab_size)
+        _write_vocab(writer, vocab)
         _write_model(gguf, writer, arch_name, model, arch, gguf_type)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

@@ -8,11 +8,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from finetune.gguf import GGUF_TYPES, block_size
 from pruning import reference
 
 SAMPLERS = ("predictor", "tpe", "gp", "cmaes", "random")
 OBJECTIVES = ("perplexity",)
 IMPORTANCE_METHODS = ("wanda", "fluctuation", "taylor")
+EXPORT_FORMATS = ("hf", "gguf")
 
 
 class ConfigError(ValueError):
@@ -33,7 +35,7 @@ class RunConfig:
     importance: str = "wanda"
     sampler: str = "predictor"
     n_startup: int = 8
-    ffn_step: int = 8
+    ffn_step: int = 32  # the GGUF Q8_0 block: every FFN width the search proposes fits Q8_0
     allow_drop: bool = True
     storage: str | None = None
     study_name: str | None = None
@@ -42,6 +44,8 @@ class RunConfig:
     batch_size: int = 8
     seed: int = 0
     export: bool = True  # after the search: slice, recover and export the best architecture
+    export_format: str = "hf"  # hf: a transformers directory; gguf: one llama.cpp file
+    gguf_type: str = "q8_0"
     recover_steps: int = 100
     recover_windows: int = 512
     lora_rank: int = 8
@@ -70,11 +74,19 @@ class RunConfig:
             ),
             (self.recover_steps >= 0, f"--recover-steps must be >= 0, got {self.recover_steps}"),
             (0 <= self.distill <= 1, f"--distill is a loss weight in [0, 1], got {self.distill}"),
+            (self.export_format in EXPORT_FORMATS,
+             f"unknown --format {self.export_format!r}; choose one of {', '.join(EXPORT_FORMATS)}"),
+            (self.gguf_type in GGUF_TYPES,
+             f"unknown --gguf-type {self.gguf_type!r}; choose one of {', '.join(GGUF_TYPES)}"),
             (self.lora_rank >= 1 and self.recover_windows >= 1 and self.shots >= 0,
              "--lora-rank and --recover-windows must be >= 1, --shots >= 0"),
             (all("=" in d and d.partition("=")[0] and d.partition("=")[2] for d in self.domains),
              f"--domain takes NAME=PATH, got {list(self.domains)}"),
         ]
+        if self.export_format == "gguf" and self.gguf_type in GGUF_TYPES and self.ffn_step % block_size(self.gguf_type):
+            block = block_size(self.gguf_type)
+            checks.append((False, f"--ffn-step {self.ffn_step} lets the search pick FFN widths GGUF {self.gguf_type} "
+                                  f"cannot hold (rows in blocks of {block}); use --ffn-step {block} or a multiple"))
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
@@ -127,6 +139,13 @@ class RunLayout:
     @property
     def model(self) -> Path:
         return self.root / "model"
+
+    @property
+    def gguf(self) -> Path:
+        return self.root / "model.gguf"
+
+    def export_path(self, config: RunConfig) -> Path:
+        return self.gguf if config.export_format == "gguf" else self.model
 
     def storage_url(self, config: RunConfig) -> str:
         return config.storage or f"sqlite:///{self.study_db}"

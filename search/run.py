@@ -31,7 +31,7 @@ from pruning.importance import Importance, load_or_compute
 from pruning.masking import masked
 from pruning.metrics import perplexity
 from search.config import SAMPLERS, RunConfig, RunLayout
-from search.export import add_recovery_arguments, recover_and_export
+from search.export import add_format_arguments, add_recovery_arguments, recover_and_export
 from search.objective import Objective
 from search.report import RunSummary, best_trial, own_kendall, publish, write_atomic
 from search.sampler import PredictorSampler, measured, trial_architecture
@@ -85,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--ffn-step",
         type=int,
         default=d.ffn_step,
-        help="FFN channels kept are a multiple of this (default: %(default)s)",
+        help="FFN channels kept are a multiple of this. GGUF block quantization needs it: 32 (the default) lets "
+        "Q8_0 hold every width; use 256 for K-quants (Q4_K...), 1 or 8 for transformers-only exports "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--no-drop", dest="allow_drop", action="store_false", help="never drop a whole attention or MLP sublayer"
@@ -103,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=d.device, help="auto, cpu or cuda[:N] (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="(default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
+    add_format_arguments(p, d)
     recovery = add_recovery_arguments(p, d)
     recovery.add_argument("--no-export", dest="export", action="store_false",
                           help="stop after the search: no slicing, recovery or export")
@@ -223,11 +226,11 @@ def write_summary(study: optuna.Study, layout: RunLayout, summary: RunSummary) -
 
 def export_best(study: optuna.Study, setup: Setup, importance: Importance, summary: RunSummary,
                 argv: list[str], started: float) -> RunSummary:
-    """Slice the best architecture, recover it and export it into <run>/model; record the metrics."""
+    """Slice the best architecture, recover it and export it into <run>/model (or model.gguf); record the metrics."""
     layout = setup.layout
     arch = Architecture.from_json(layout.best_architecture.read_text())
     command = "python -m search.run " + shlex.join(argv)
-    record = recover_and_export(setup, importance, arch, layout.model, command, force=True)
+    record = recover_and_export(setup, importance, arch, layout.export_path(setup.config), command, force=True)
     study.set_user_attr("recovery", record)
     summary = replace(summary, recovery=record, wall_time_s=round(time.time() - started, 1))
     write_summary(study, layout, summary)

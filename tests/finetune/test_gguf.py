@@ -1,0 +1,227 @@
+"""GGUF export loaded in the real engine (llama.cpp through llama-cpp-python) and compared with transformers.
+
+Every case is sliced from a model with fixed seeds, written at f32, f16 and Q8_0,
+loaded with `Llama(logits_all=True)`, and measured on the same tokens as ours:
+next-token logits, 32-token greedy continuation (f32), perplexity on the same windows.
+
+Tolerances. f32 differs from transformers only by summation order and llama.cpp's
+kernels (< 1e-3 here). f16 rounds every weight to 11 significant bits
+(relative 2^-11 ≈ 5e-4 per weight) and Q8_0 to 8 bits per block of 32
+(relative ≈ 1/254 of the block's largest weight), errors that add up over the
+layers: the tolerances below are stated relative to the spread (std) of the
+logits and hold with a margin of 3x or more on every case.
+
+Without llama-cpp-python these tests skip; CI sets PRUNESEARCH_REQUIRE_ENGINE=1 so they fail instead.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from finetune.gguf import GGUFExportError, check_export, export_gguf
+from pruning import adapter, reference
+from pruning.architecture import Architecture, LayerShape
+from pruning.data import token_windows
+from pruning.importance import compute_importance
+from pruning.metrics import perplexity
+from pruning.slicing import slice_model
+from tests.conftest import tiny_model
+
+try:
+    import llama_cpp
+except ImportError:
+    llama_cpp = None
+REQUIRED = os.environ.get("PRUNESEARCH_REQUIRE_ENGINE") == "1"
+needs_engine = pytest.mark.skipif(
+    llama_cpp is None and not REQUIRED,
+    reason="llama-cpp-python is not installed (pip install 'prunesearch[serve]'); CI requires it",
+)
+
+TYPES = ("f32", "f16", "q8_0")
+LOGIT_TOLERANCE = {"f32": 1e-3, "f16": 1e-2, "q8_0": 6e-2}  # max |Δlogit| / std(logits)
+PPL_TOLERANCE = 0.01  # |ppl(llama.cpp) / ppl(ours) - 1|
+GREEDY_TOKENS = 32
+TINY = dict(vocab_size=4096, hidden_size=128, intermediate_size=192, num_hidden_layers=4, num_attention_heads=8,
+            num_key_value_heads=2, head_dim=32, max_position_embeddings=256, initializer_range=0.1)
+MIXED = (LayerShape(2, 3, 160), LayerShape(0, 0, 96), LayerShape(1, 4, 0), LayerShape(2, 2, 192))
+# name -> (family, tied, shapes; None = the reference model with the searched-like shapes below)
+CASES = {
+    "reference-dense": ("reference", False, None),
+    "reference-searched": ("reference", False, (
+        LayerShape(0, 0, 512), LayerShape(2, 3, 0), LayerShape(1, 4, 768), LayerShape(2, 2, 320),
+        LayerShape(2, 4, 256), LayerShape(0, 0, 0), LayerShape(1, 2, 640), LayerShape(2, 4, 768))),
+    "layer0-attention-dropped": ("llama", False, (
+        LayerShape(0, 0, 192), LayerShape(2, 4, 192), LayerShape(1, 4, 96), LayerShape(2, 4, 192))),
+    "mlp-dropped": ("llama", False, (
+        LayerShape(2, 4, 192), LayerShape(2, 4, 0), LayerShape(1, 3, 64), LayerShape(2, 4, 0))),
+    "query-heads-in-groups": ("llama", False, (
+        LayerShape(2, 1, 192), LayerShape(2, 3, 160), LayerShape(1, 2, 192), LayerShape(2, 4, 128))),
+    "llama-uniform": ("llama", False, (LayerShape(2, 3, 128),) * 4),
+    "qwen2-bias-tied": ("qwen2", True, MIXED),
+    "mistral": ("mistral", False, MIXED),
+}
+
+
+def _case_model(family: str, tie: bool, shapes, tokenizer):
+    """(sliced model, architecture) of one case."""
+    if family == "reference":
+        model = adapter.load_model(reference.MODEL_DIR, torch.device("cpu"))
+    else:
+        model = tiny_model(family, tie, seed=0, **TINY)
+        generator = torch.Generator().manual_seed(1)
+        for layer in adapter.decoder_layers(model):  # HF zero-initialises biases: give them values to export
+            for lin in vars(adapter.layer_parts(layer)).values():
+                if isinstance(lin, torch.nn.Linear) and lin.bias is not None:
+                    lin.bias.data = 0.5 * torch.randn(lin.bias.shape, generator=generator)
+    spec = adapter.model_spec(model)
+    arch = Architecture.full(spec) if shapes is None else Architecture(spec, shapes)
+    calibration = token_windows(tokenizer, reference.CALIBRATION_TEXT.read_text(), 64, 4)
+    return slice_model(model, arch, compute_importance(model, calibration)), arch
+
+
+def _engine(path):
+    if llama_cpp is None:
+        pytest.fail("PRUNESEARCH_REQUIRE_ENGINE=1 but llama-cpp-python does not import: pip install '.[serve]'")
+    return llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=256, logits_all=True, n_threads=1,
+                           verbose=False)
+
+
+def _engine_logits(llm, ids: list[int]) -> np.ndarray:
+    llm.reset()
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)], dtype=np.float64)  # (T, V)
+
+
+def _engine_perplexity(llm, windows: torch.Tensor) -> float:
+    total, count = 0.0, 0
+    for window in windows.tolist():
+        logits = _engine_logits(llm, window)[:-1]
+        logits = logits - logits.max(-1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        total -= logp[np.arange(len(window) - 1), window[1:]].sum()
+        count += len(window) - 1
+    return math.exp(total / count)
+
+
+def _engine_greedy(llm, prompt: list[int], n: int) -> list[int]:
+    llm.reset()
+    llm.eval(prompt)
+    out = []
+    for _ in range(n):
+        out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval(out[-1:])
+    return out
+
+
+@torch.no_grad()
+def _greedy(model, prompt: list[int], n: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    for _ in range(n):
+        ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return adapter.load_tokenizer(reference.MODEL_DIR)
+
+
+@pytest.fixture(scope="module")
+def measured(tokenizer, tmp_path_factory):
+    """case -> {"arch", "path": {type: gguf}, "logits": {type: max|Δ|/std}, "ppl": {type: (ours, engine)},
+    "greedy": (ours, engine)}; each model is written and loaded once per type."""
+    root = tmp_path_factory.mktemp("gguf")
+    text = reference.EVALUATION_TEXT.read_text()
+    windows = token_windows(tokenizer, text, 64, 4)
+    ids = windows[0, :48].tolist()
+    results = {}
+    for name, (family, tie, shapes) in CASES.items():
+        model, arch = _case_model(family, tie, shapes, tokenizer)
+        with torch.no_grad():
+            ours = model(input_ids=torch.tensor([ids])).logits[0].double().numpy()
+        ours_ppl = perplexity(model, windows)
+        case = {"arch": arch, "path": {}, "logits": {}, "ppl": {}}
+        for gguf_type in TYPES:
+            path = export_gguf(model, arch, tokenizer, root / f"{name}-{gguf_type}.gguf", gguf_type)
+            llm = _engine(path)
+            case["path"][gguf_type] = path
+            case["logits"][gguf_type] = float(np.abs(_engine_logits(llm, ids) - ours).max() / ours.std())
+            case["ppl"][gguf_type] = (ours_ppl, _engine_perplexity(llm, windows))
+            if gguf_type == "f32":
+                case["greedy"] = (_greedy(model, ids[:16], GREEDY_TOKENS), _engine_greedy(llm, ids[:16], GREEDY_TOKENS))
+                case["tokens"] = llm.tokenize(text[:2000].encode(), add_bos=True)
+            llm.close()
+        results[name] = case
+    return results
+
+
+@needs_engine
+@pytest.mark.parametrize("gguf_type", TYPES)
+@pytest.mark.parametrize("name", CASES)
+def test_logits_match_transformers(name, gguf_type, measured):
+    assert measured[name]["logits"][gguf_type] <= LOGIT_TOLERANCE[gguf_type]
+
+
+@needs_engine
+@pytest.mark.parametrize("gguf_type", TYPES)
+@pytest.mark.parametrize("name", CASES)
+def test_perplexity_matches_ours_within_one_percent(name, gguf_type, measured):
+    ours, engine = measured[name]["ppl"][gguf_type]
+    assert abs(engine / ours - 1) <= PPL_TOLERANCE
+
+
+@needs_engine
+@pytest.mark.parametrize("name", CASES)
+def test_greedy_generation_is_identical_at_f32(name, measured):
+    ours, engine = measured[name]["greedy"]
+    assert len(engine) == GREEDY_TOKENS
+    assert engine == ours
+
+
+@needs_engine
+def test_tokenization_matches_transformers(measured, tokenizer):
+    text = reference.EVALUATION_TEXT.read_text()[:2000]
+    assert measured["reference-searched"]["tokens"] == tokenizer(text)["input_ids"]
+
+
+@needs_engine
+def test_per_layer_shapes_use_deci_and_uniform_uses_llama(measured):
+    import gguf
+
+    reader = gguf.GGUFReader(measured["reference-searched"]["path"]["f32"])
+    assert reader.fields["general.architecture"].contents() == "deci"
+    # layer 0's dropped attention is a stand-in head (zero output), dropped MLPs zero FFNs of 32 channels
+    assert reader.fields["deci.attention.head_count"].contents() == [1, 6, 4, 4, 8, 0, 2, 8]
+    assert reader.fields["deci.attention.head_count_kv"].contents() == [1, 2, 1, 2, 2, 0, 1, 2]
+    assert reader.fields["deci.feed_forward_length"].contents() == [512, 32, 768, 320, 256, 32, 640, 768]
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "gpt-2"
+    uniform = gguf.GGUFReader(measured["llama-uniform"]["path"]["q8_0"])
+    assert uniform.fields["general.architecture"].contents() == "llama"
+    assert uniform.fields["llama.attention.head_count"].contents() == 6
+    tied = {t.name for t in gguf.GGUFReader(measured["qwen2-bias-tied"]["path"]["f32"]).tensors}
+    assert "output.weight" not in tied and "blk.0.attn_q.bias" in tied and "blk.3.attn_k.bias" in tied
+
+
+def test_architecture_q8_0_cannot_hold_is_refused_before_writing(tokenizer, tmp_path):
+    model, _ = _case_model("llama", False, None, tokenizer)
+    arch = Architecture(adapter.model_spec(model), (LayerShape(2, 4, 100),) * 4)
+    slice_model(model, arch, compute_importance(model, token_windows(
+        tokenizer, reference.CALIBRATION_TEXT.read_text(), 64, 2)))
+    with pytest.raises(GGUFExportError, match=r"blocks of 32.*'layer 0 ffn_channels': 100.*--ffn-step 32"):
+        export_gguf(model, arch, tokenizer, tmp_path / "m.gguf", "q8_0")
+    assert list(tmp_path.iterdir()) == []
+    export_gguf(model, arch, tokenizer, tmp_path / "m.gguf", "f16")
+    assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"]
+
+
+def test_unconvertible_tokenizer_is_refused(tokenizer):
+    from tests.finetune.conftest import char_tokenizer
+
+    spec = adapter.model_spec(tiny_model("llama", **TINY))
+    with pytest.raises(GGUFExportError, match="only byte-level BPE tokenizers"):
+        check_export(Architecture.full(spec), char_tokenizer(), "f16")
