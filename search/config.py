@@ -83,13 +83,16 @@ class RunConfig:
             (all("=" in d and d.partition("=")[0] and d.partition("=")[2] for d in self.domains),
              f"--domain takes NAME=PATH, got {list(self.domains)}"),
         ]
-        if self.export_format == "gguf" and self.gguf_type in GGUF_TYPES and self.ffn_step % block_size(self.gguf_type):
-            block = block_size(self.gguf_type)
-            checks.append((False, f"--ffn-step {self.ffn_step} lets the search pick FFN widths GGUF {self.gguf_type} "
-                                  f"cannot hold (rows in blocks of {block}); use --ffn-step {block} or a multiple"))
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+
+    def check_search_target(self) -> None:
+        """A search for a GGUF target (--format gguf) may only propose FFN widths its type holds."""
+        block = block_size(self.gguf_type)
+        if self.export_format == "gguf" and self.ffn_step % block:
+            raise ConfigError(f"--ffn-step {self.ffn_step} lets the search pick FFN widths GGUF {self.gguf_type} "
+                              f"cannot hold (rows in blocks of {block}); use --ffn-step {block} or a multiple")
 
     def domain_sources(self) -> list[tuple[str, str]]:
         """(name, text source) of every language-modelling domain recovery trains on."""

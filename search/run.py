@@ -273,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     try:
         config = RunConfig(**{f.name: getattr(args, f.name) for f in fields(RunConfig)})
+        config.check_search_target()
         setup, study, importance = start(config)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)

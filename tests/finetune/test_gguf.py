@@ -225,3 +225,13 @@ def test_unconvertible_tokenizer_is_refused(tokenizer):
     spec = adapter.model_spec(tiny_model("llama", **TINY))
     with pytest.raises(GGUFExportError, match="only byte-level BPE tokenizers"):
         check_export(Architecture.full(spec), char_tokenizer(), "f16")
+
+
+def test_missing_gguf_package_is_named(tokenizer, tmp_path, monkeypatch):
+    import sys
+
+    model, arch = _case_model("llama", False, None, tokenizer)
+    monkeypatch.setitem(sys.modules, "gguf", None)  # as on a machine without it: import gguf raises ImportError
+    with pytest.raises(GGUFExportError, match=r"needs the gguf package: pip install 'prunesearch\[serve\]'"):
+        export_gguf(model, arch, tokenizer, tmp_path / "m.gguf")
+    assert list(tmp_path.iterdir()) == []

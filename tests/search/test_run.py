@@ -91,6 +91,7 @@ def test_mismatched_study_is_refused(finished_run, tiny_model_dir, capsys):
         (["--budget", "150%"], "not below the model"),
         (["--budget", "1K"], "raise the budget"),
         (["--sampler", "anneal"], "unknown sampler 'anneal'"),
+        (["--format", "gguf"], "--ffn-step 1 lets the search pick FFN widths GGUF q8_0 cannot hold"),
         (["--storage", "postgresql://nobody@127.0.0.1:1/none"], "cannot open storage"),
     ],
 )
@@ -155,6 +156,25 @@ def test_export_cli_on_a_finished_run(finished_run, tmp_path, capsys):
     assert export.main(command) == 2
     assert "already exists" in capsys.readouterr().err
     assert export.main(["--run", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_export_cli_writes_gguf_or_refuses_what_the_type_cannot_hold(finished_run, tmp_path, capsys):
+    import gguf
+
+    from search import export
+
+    out = tmp_path / "model.gguf"
+    command = ["--run", str(finished_run), "--trial", "2", "--out", str(out), "--recover-steps", "0",
+               "--recover-windows", "4", "--format", "gguf"]
+    assert export.main([*command, "--gguf-type", "q8_0"]) == 2  # hidden 48 is not a multiple of 32
+    assert "GGUF q8_0 stores rows in blocks of 32" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    assert export.main([*command, "--gguf-type", "f16"]) == 0
+    assert json.loads(capsys.readouterr().out)["export"] == str(out)
+    trial_arch = Architecture.from_json(load(finished_run).trials[2].user_attrs[ARCH_ATTR])
+    reader = gguf.GGUFReader(out)
+    arch_name = reader.fields["general.architecture"].contents()
+    assert reader.fields[f"{arch_name}.block_count"].contents() == len(trial_arch.layers)
 
 
 def test_export_cli_tunes_on_several_domains_and_a_task(finished_run, tiny_model_dir, tmp_path, capsys):
