@@ -35,7 +35,7 @@ class RunConfig:
     importance: str = "wanda"
     sampler: str = "predictor"
     n_startup: int = 8
-    ffn_step: int = 32  # the GGUF Q8_0 block: every FFN width the search proposes fits Q8_0
+    ffn_step: int | None = None  # None: 8, or the GGUF type's block (32 for q8_0) with export_format "gguf"
     allow_drop: bool = True
     storage: str | None = None
     study_name: str | None = None
@@ -57,6 +57,9 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "domains", tuple(self.domains))
+        if self.ffn_step is None:
+            block = block_size(self.gguf_type) if self.export_format == "gguf" and self.gguf_type in GGUF_TYPES else 1
+            object.__setattr__(self, "ffn_step", max(8, block))
         checks = [
             (self.sampler in SAMPLERS, f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}"),
             (self.objective in OBJECTIVES, f"unknown objective {self.objective!r}; choose {', '.join(OBJECTIVES)}"),

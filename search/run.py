@@ -85,9 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--ffn-step",
         type=int,
         default=d.ffn_step,
-        help="FFN channels kept are a multiple of this. GGUF block quantization needs it: 32 (the default) lets "
-        "Q8_0 hold every width; use 256 for K-quants (Q4_K...), 1 or 8 for transformers-only exports "
-        "(default: %(default)s)",
+        help="FFN channels kept are a multiple of this (default: 8; with --format gguf the type's block, so "
+        "every width the search proposes fits it: 32 for q8_0). GGUF block quantization needs it: 32 for "
+        "Q8_0, 256 for K-quants (Q4_K...) if you will quantize the export further with llama-quantize",
     )
     p.add_argument(
         "--no-drop", dest="allow_drop", action="store_false", help="never drop a whole attention or MLP sublayer"
