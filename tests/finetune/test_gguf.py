@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 
-from finetune.gguf import GGUFExportError, check_export, export_gguf
+from finetune.gguf import LLAMA3_REGEX, QWEN2_REGEX, GGUFExportError, check_export, export_gguf
 from pruning import adapter, reference
 from pruning.architecture import Architecture, LayerShape
 from pruning.data import token_windows
@@ -241,3 +241,34 @@ def test_missing_gguf_package_is_named(tokenizer, tmp_path, monkeypatch):
     with pytest.raises(GGUFExportError, match=r"needs the gguf package: pip install 'prunesearch\[serve\]'"):
         export_gguf(model, arch, tokenizer, tmp_path / "m.gguf")
     assert list(tmp_path.iterdir()) == []
+
+
+def _split_bpe_tokenizer(regex: str):
+    """A byte-level BPE tokenizer with a Llama 3 / Qwen2 style Split pre-tokenizer, trained on the shipped text."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|begin|>", "<|end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([reference.CALIBRATION_TEXT.read_text()[:200_000]], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin|>", eos_token="<|end|>")
+
+
+@needs_engine
+@pytest.mark.parametrize(("regex", "pre"), [(LLAMA3_REGEX, "llama-bpe"), (QWEN2_REGEX, "qwen2")])
+def test_split_bpe_tokenizers_tokenize_as_in_transformers(regex, pre, tmp_path):
+    import gguf
+
+    tokenizer = _split_bpe_tokenizer(regex)
+    model = tiny_model("llama", **{**TINY, "vocab_size": len(tokenizer)})
+    path = export_gguf(model, Architecture.full(adapter.model_spec(model)), tokenizer, tmp_path / "m.gguf")
+    assert gguf.GGUFReader(path).fields["tokenizer.ggml.pre"].contents() == pre
+    text = "I've said 12345 times:\n\n  def f(x):\treturn x ** 3.14  # don't, WE'LL see\u00e9\u4f60\u597d!!"
+    llm = _engine(path)
+    assert llm.tokenize(text.encode(), add_bos=False) == tokenizer(text, add_special_tokens=False)["input_ids"]
+    llm.close()
