@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
 from finetune.export import is_uniform
 from pruning import adapter
@@ -187,10 +187,12 @@ def read_vocab(tokenizer, vocab_size: int) -> Vocab:
     return Vocab(pre, tuple(tokens), tuple(types), special)
 
 
-def check_export(arch: Architecture, tokenizer, gguf_type: str) -> None:
-    """Everything `export_gguf` would refuse, checked up front: the gguf package, the architecture, the tokenizer."""
+def check_export(arch: Architecture, config: PretrainedConfig, tokenizer, gguf_type: str) -> None:
+    """Everything `export_gguf` would refuse, checked up front: the gguf package, the architecture, the model's
+    rotary embeddings (adapter.UnsupportedModelError), the tokenizer."""
     _gguf()
     check_architecture(arch, gguf_type)
+    adapter.engine_params(config)
     read_vocab(tokenizer, arch.spec.vocab_size)
 
 
@@ -257,7 +259,7 @@ def export_gguf(model: PreTrainedModel, arch: Architecture, tokenizer, out_path:
     out = Path(out_path)
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; choose another path or pass force=True (--force)")
-    check_architecture(arch, gguf_type)
+    check_export(arch, model.config, tokenizer, gguf_type)
     vocab = read_vocab(tokenizer, arch.spec.vocab_size)
     arch_name = adapter.FAMILIES[arch.spec.family].gguf_arch if is_uniform(arch) else "deci"
     out.parent.mkdir(parents=True, exist_ok=True)

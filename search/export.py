@@ -106,7 +106,7 @@ def recover_and_export(setup: Setup, importance: Importance, arch: Architecture,
     """Slice the run's model (in place) to `arch`, LoRA-tune it, write the export; return the metrics record."""
     model, tokenizer, config, final_windows = setup.model, setup.tokenizer, setup.config, setup.final_windows
     if config.export_format == "gguf":
-        check_export(arch, tokenizer, config.gguf_type)
+        check_export(arch, model.config, tokenizer, config.gguf_type)
     domains = text_domains(config, tokenizer)
     train_tasks, held_tasks = _tasks(config, tokenizer)
     if train_tasks:

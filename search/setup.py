@@ -61,7 +61,7 @@ def prepare(config: RunConfig) -> Setup:
         open_storage(config.storage)
     tokenizer = adapter.load_tokenizer(config.model)
     if config.export and config.export_format == "gguf":  # refuse now, not after the search and recovery
-        check_export(Architecture.full(spec), tokenizer, config.gguf_type)
+        check_export(Architecture.full(spec), model_config, tokenizer, config.gguf_type)
     calibration = token_windows(
         tokenizer, calibration_text, config.seq_len, config.calibration_windows, "calibration text"
     )

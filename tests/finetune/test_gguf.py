@@ -51,7 +51,7 @@ GREEDY_TOKENS = 32
 TINY = dict(vocab_size=4096, hidden_size=128, intermediate_size=192, num_hidden_layers=4, num_attention_heads=8,
             num_key_value_heads=2, head_dim=32, max_position_embeddings=256, initializer_range=0.1)
 MIXED = (LayerShape(2, 3, 160), LayerShape(0, 0, 96), LayerShape(1, 4, 0), LayerShape(2, 2, 192))
-# name -> (family, tied, shapes; None = the reference model with the searched-like shapes below)
+# name -> (family, tied, shapes (None: all kept), config overrides); "reference": the shipped trained model
 CASES = {
     "reference-dense": ("reference", False, None),
     "reference-searched": ("reference", False, (
@@ -66,15 +66,16 @@ CASES = {
     "llama-uniform": ("llama", False, (LayerShape(2, 3, 128),) * 4),
     "qwen2-bias-tied": ("qwen2", True, MIXED),
     "mistral": ("mistral", False, MIXED),
+    "llama-attention-and-mlp-bias": ("llama", False, MIXED, {"attention_bias": True, "mlp_bias": True}),
 }
 
 
-def _case_model(family: str, tie: bool, shapes, calibration: torch.Tensor):
+def _case_model(family: str, tie: bool, shapes, calibration: torch.Tensor, overrides=None):
     """(sliced model, architecture) of one case."""
     if family == "reference":
         model = adapter.load_model(reference.MODEL_DIR, torch.device("cpu"))
     else:
-        model = tiny_model(family, tie, seed=0, **TINY)
+        model = tiny_model(family, tie, seed=0, **{**TINY, **(overrides or {})})
         generator = torch.Generator().manual_seed(1)
         for layer in adapter.decoder_layers(model):  # HF zero-initialises biases: give them values to export
             for lin in vars(adapter.layer_parts(layer)).values():
@@ -140,8 +141,8 @@ def measure(tokenizer, root) -> dict:
     calibration = token_windows(tokenizer, reference.CALIBRATION_TEXT.read_text(), 64, 4)
     ids = windows[0, :48].tolist()
     results = {}
-    for name, (family, tie, shapes) in CASES.items():
-        model, arch = _case_model(family, tie, shapes, calibration)
+    for name, (family, tie, shapes, *overrides) in CASES.items():
+        model, arch = _case_model(family, tie, shapes, calibration, *overrides)
         with torch.no_grad():
             ours = model(input_ids=torch.tensor([ids])).logits[0].double().numpy()
         ours_ppl = perplexity(model, windows)
@@ -211,6 +212,8 @@ def test_per_layer_shapes_use_deci_and_uniform_uses_llama(measured):
     assert uniform.fields["llama.attention.head_count"].contents() == 6
     tied = {t.name for t in gguf.GGUFReader(measured["qwen2-bias-tied"]["path"]["f32"]).tensors}
     assert "output.weight" not in tied and "blk.0.attn_q.bias" in tied and "blk.3.attn_k.bias" in tied
+    biases = {t.name for t in gguf.GGUFReader(measured["llama-attention-and-mlp-bias"]["path"]["f32"]).tensors}
+    assert {"blk.0.attn_output.bias", "blk.0.ffn_down.bias", "blk.1.ffn_up.bias"} <= biases
 
 
 def test_architecture_q8_0_cannot_hold_is_refused_before_writing(tokenizer, tmp_path):
@@ -230,7 +233,7 @@ def test_unconvertible_tokenizer_is_refused(tokenizer):
 
     spec = adapter.model_spec(tiny_model("llama", **TINY))
     with pytest.raises(GGUFExportError, match="only byte-level BPE tokenizers"):
-        check_export(Architecture.full(spec), char_tokenizer(), "f16")
+        check_export(Architecture.full(spec), tiny_model("llama", **TINY).config, char_tokenizer(), "f16")
 
 
 def test_missing_gguf_package_is_named(tokenizer, tmp_path, monkeypatch):
@@ -272,3 +275,9 @@ def test_split_bpe_tokenizers_tokenize_as_in_transformers(regex, pre, tmp_path):
     llm = _engine(path)
     assert llm.tokenize(text.encode(), add_bos=False) == tokenizer(text, add_special_tokens=False)["input_ids"]
     llm.close()
+
+
+def test_scaled_rotary_embeddings_are_refused(tokenizer):
+    model = tiny_model("llama", **TINY, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4})
+    with pytest.raises(adapter.UnsupportedModelError, match="rope_type 'linear' is not supported"):
+        check_export(Architecture.full(adapter.model_spec(model)), model.config, tokenizer, "f16")
