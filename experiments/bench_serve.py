@@ -157,16 +157,25 @@ def bench(label: str, variants: list, tokenizer, ids: list[int], args, workdir: 
     return rows
 
 
+def shapes(label: str, variants: list) -> str:
+    """One line per pruned variant: query heads/KV heads/FFN channels of every layer (- = dropped)."""
+    def layer(x):
+        return f"{x.query_heads or '-'}/{x.kv_heads or '-'}/{x.ffn_channels or '-'}"
+    return "".join(f"- {label} {name}: {' '.join(layer(x) for x in arch.layers)}\n"
+                   for name, arch, _ in variants if name != "dense")
+
+
 def table(rows: list[dict]) -> str:
     df = pd.DataFrame(rows)
+    df.insert(df.columns.get_loc("params_ratio") + 1, "1/params_ratio", 1 / df["params_ratio"])
     df["params"] = df["params"].map(lambda n: f"{n / 1e6:.2f}M")
     df["size_mb"] = df["size_mb"].map(lambda x: "" if pd.isna(x) else f"{x:.1f}")
     for col in ("prefill", "decode"):
         df[col] = df[col].map(lambda x: f"{x:.1f}")
-    for col in ("params_ratio", "prefill_ratio", "decode_ratio"):
+    for col in ("params_ratio", "1/params_ratio", "prefill_ratio", "decode_ratio"):
         df[col] = df[col].map(lambda x: f"{x:.2f}")
-    df = df[["model", "variant", "engine", "params", "params_ratio", "size_mb", "prefill", "prefill_ratio",
-             "decode", "decode_ratio"]]
+    df = df[["model", "variant", "engine", "params", "params_ratio", "1/params_ratio", "size_mb", "prefill",
+             "prefill_ratio", "decode", "decode_ratio"]]
     return df.to_markdown(index=False)
 
 
@@ -188,12 +197,15 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         variants, fractions = reference_variants(tokenizer)
-        rows = bench("reference", variants, tokenizer, ids, args, Path(tmp))
+        rows, layers = bench("reference", variants, tokenizer, ids, args, Path(tmp)), shapes("reference", variants)
         if args.tinyllama:
-            rows += bench("tinyllama-1.1b-shape", tinyllama_variants(fractions), tokenizer, ids, args, Path(tmp))
+            variants = tinyllama_variants(fractions)
+            rows += bench("tinyllama-1.1b-shape", variants, tokenizer, ids, args, Path(tmp))
+            layers += shapes("tinyllama-1.1b-shape", variants)
     text = (f"{args.threads} threads, prompt {args.prompt} tokens, decode {args.decode} tokens, best of "
             f"{args.repeats}; tokens/s; ratios pruned ÷ dense of the same engine ({time.time() - started:.0f} s)\n\n"
-            + table(rows) + "\n")
+            + table(rows) + "\n\nPruned shapes, query heads/KV heads/FFN channels per layer (- = dropped):\n\n"
+            + layers)
     print(text)
     if args.out:
         args.out.write_text(text, encoding="utf-8")
