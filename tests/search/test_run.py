@@ -193,3 +193,13 @@ def test_export_cli_tunes_on_several_domains_and_a_task(finished_run, tiny_model
     bad = ["--run", str(finished_run), "--out", str(tmp_path / "bad"), "--domain", "no-equals-sign"]
     assert export.main(bad) == 2
     assert "--domain takes NAME=PATH" in capsys.readouterr().err
+
+
+def test_gguf_target_sets_the_ffn_step_and_the_export_path(tmp_path):
+    from search.config import RunConfig, RunLayout
+
+    assert RunConfig().ffn_step == 8
+    assert RunConfig(export_format="gguf").ffn_step == 32  # q8_0 blocks: every width the search picks fits
+    assert RunConfig(export_format="gguf", gguf_type="f16").ffn_step == 8
+    assert RunLayout(tmp_path).export_path(RunConfig(export_format="gguf")) == tmp_path / "model.gguf"
+    assert RunLayout(tmp_path).export_path(RunConfig()) == tmp_path / "model"
