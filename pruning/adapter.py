@@ -21,7 +21,8 @@ from pruning.modeling_pruned import DroppedAttention, DroppedMLP  # shared with 
 
 @dataclass(frozen=True)
 class Family:
-    """What differs between supported families: the class users know, the bias rules, the export classes."""
+    """What every part of the tool needs to know about one supported family: the class users know, the bias
+    rules, the per-layer export (remote code) classes and llama.cpp's architecture for a uniform GGUF export."""
 
     causal_lm: str
     qkv_bias: Callable[[PretrainedConfig], bool]
@@ -29,6 +30,7 @@ class Family:
     mlp_bias: Callable[[PretrainedConfig], bool]
     pruned_config: type
     pruned_model: type
+    gguf_arch: str = "llama"  # per-layer shapes use "deci"
 
 
 def _never(config: PretrainedConfig) -> bool:
@@ -95,6 +97,25 @@ def head_dim(config: PretrainedConfig) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+@dataclass(frozen=True)
+class EngineParams:
+    """What an inference engine needs beyond the shapes: norm epsilon, rotary base, context length."""
+
+    rms_norm_eps: float
+    rope_theta: float
+    context_length: int
+
+
+def engine_params(config: PretrainedConfig) -> EngineParams:
+    """Read them from a supported config; only plain rotary embeddings (rope_type "default") are supported."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        raise UnsupportedModelError(f"rope_type {rope['rope_type']!r} is not supported for engine export; "
+                                    "only plain rotary embeddings (rope_type 'default') are")
+    return EngineParams(rms_norm_eps=float(config.rms_norm_eps), rope_theta=float(rope.get("rope_theta", 10000.0)),
+                        context_length=int(config.max_position_embeddings))
+
+
 def model_spec(model: PreTrainedModel) -> ModelSpec:
     return spec_from_config(model.config, str(getattr(model, "name_or_path", "") or model.config.model_type))
 
@@ -142,6 +163,10 @@ class LayerParts:
 
 def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
     return model.get_decoder().layers
+
+
+def final_norm(model: PreTrainedModel) -> nn.Module:
+    return model.get_decoder().norm
 
 
 def layer_parts(layer: nn.Module) -> LayerParts:

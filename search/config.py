@@ -8,12 +8,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from finetune.gguf import GGUF_TYPES, block_size
 from pruning import reference
 
 SAMPLERS = ("predictor", "knapsack", "tpe", "gp", "cmaes", "random")
 TABLE_SAMPLERS = ("predictor", "knapsack")  # samplers that start from the sensitivity table
 OBJECTIVES = ("perplexity",)
 IMPORTANCE_METHODS = ("wanda", "fluctuation", "taylor")
+EXPORT_FORMATS = ("hf", "gguf")
 
 
 class ConfigError(ValueError):
@@ -36,7 +38,7 @@ class RunConfig:
     sensitivity_points: int = 8  # kept sizes measured per sublayer
     sampler: str = "predictor"
     n_startup: int = 8
-    ffn_step: int = 8
+    ffn_step: int | None = None  # None: 8, or the GGUF type's block (32 for q8_0) with export_format "gguf"
     allow_drop: bool = True
     storage: str | None = None
     study_name: str | None = None
@@ -45,6 +47,8 @@ class RunConfig:
     batch_size: int = 8
     seed: int = 0
     export: bool = True  # after the search: slice, recover and export the best architecture
+    export_format: str = "hf"  # hf: a transformers directory; gguf: one llama.cpp file
+    gguf_type: str = "q8_0"
     recover_steps: int = 100
     recover_windows: int = 512
     lora_rank: int = 8
@@ -56,6 +60,9 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "domains", tuple(self.domains))
+        if self.ffn_step is None:
+            block = block_size(self.gguf_type) if self.export_format == "gguf" and self.gguf_type in GGUF_TYPES else 1
+            object.__setattr__(self, "ffn_step", max(8, block))
         checks = [
             (self.sampler in SAMPLERS, f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}"),
             (self.objective in OBJECTIVES, f"unknown objective {self.objective!r}; choose {', '.join(OBJECTIVES)}"),
@@ -77,6 +84,10 @@ class RunConfig:
             ),
             (self.recover_steps >= 0, f"--recover-steps must be >= 0, got {self.recover_steps}"),
             (0 <= self.distill <= 1, f"--distill is a loss weight in [0, 1], got {self.distill}"),
+            (self.export_format in EXPORT_FORMATS,
+             f"unknown --format {self.export_format!r}; choose one of {', '.join(EXPORT_FORMATS)}"),
+            (self.gguf_type in GGUF_TYPES,
+             f"unknown --gguf-type {self.gguf_type!r}; choose one of {', '.join(GGUF_TYPES)}"),
             (self.lora_rank >= 1 and self.recover_windows >= 1 and self.shots >= 0,
              "--lora-rank and --recover-windows must be >= 1, --shots >= 0"),
             (all("=" in d and d.partition("=")[0] and d.partition("=")[2] for d in self.domains),
@@ -85,6 +96,13 @@ class RunConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+
+    def check_search_target(self) -> None:
+        """A search for a GGUF target (--format gguf) may only propose FFN widths its type holds."""
+        block = block_size(self.gguf_type)
+        if self.export_format == "gguf" and self.ffn_step % block:
+            raise ConfigError(f"--ffn-step {self.ffn_step} lets the search pick FFN widths GGUF {self.gguf_type} "
+                              f"cannot hold (rows in blocks of {block}); use --ffn-step {block} or a multiple")
 
     def domain_sources(self) -> list[tuple[str, str]]:
         """(name, text source) of every language-modelling domain recovery trains on."""
@@ -134,6 +152,13 @@ class RunLayout:
     @property
     def model(self) -> Path:
         return self.root / "model"
+
+    @property
+    def gguf(self) -> Path:
+        return self.root / "model.gguf"
+
+    def export_path(self, config: RunConfig) -> Path:
+        return self.gguf if config.export_format == "gguf" else self.model
 
     def storage_url(self, config: RunConfig) -> str:
         return config.storage or f"sqlite:///{self.study_db}"

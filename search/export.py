@@ -2,6 +2,7 @@
 
 Examples:
     python -m search.export --run runs/mine --out pruned-model
+    python -m search.export --run runs/mine --out pruned.gguf --format gguf --gguf-type q8_0
     python -m search.export --run runs/mine --trial 17 --out pruned-17 --recover-steps 400 --distill 0.5
     python -m search.export --run runs/mine --out tuned --task qa.jsonl --task-template "Q: {question}\\nA:" --shots 5
 
@@ -32,6 +33,7 @@ from finetune.data import (
 from finetune.distill import dense_reference
 from finetune.evaluate import EvalData, Evaluation, evaluate
 from finetune.export import export_model
+from finetune.gguf import GGUF_TYPES, check_export, export_gguf
 from finetune.recover import RecoveryConfig, recover
 from pruning.architecture import Architecture
 from pruning.importance import Importance, load_or_compute
@@ -65,6 +67,14 @@ def add_recovery_arguments(p: argparse.ArgumentParser, d: RunConfig) -> argparse
     g.add_argument("--task-template", default=d.task_template, help="str.format prompt over the JSONL fields")
     g.add_argument("--shots", type=int, default=d.shots, help="few-shot examples before each task prompt")
     return g
+
+
+def add_format_arguments(p: argparse.ArgumentParser, d: RunConfig) -> None:
+    p.add_argument("--format", dest="export_format", choices=("hf", "gguf"), default=d.export_format,
+                   help="hf: a transformers directory (per-layer remote code when shapes differ); gguf: one file "
+                        "for llama.cpp, per-layer shapes as its deci architecture (default: %(default)s)")
+    p.add_argument("--gguf-type", choices=GGUF_TYPES, default=d.gguf_type,
+                   help="GGUF weight type; q8_0 needs every FFN width a multiple of 32 (default: %(default)s)")
 
 
 def _tasks(config: RunConfig, tokenizer):
@@ -102,6 +112,8 @@ def recover_and_export(setup: Setup, importance: Importance, arch: Architecture,
                        force: bool) -> dict:
     """Slice the run's model (in place) to `arch`, LoRA-tune it, write the export; return the metrics record."""
     model, tokenizer, config, final_windows = setup.model, setup.tokenizer, setup.config, setup.final_windows
+    if config.export_format == "gguf":
+        check_export(arch, model.config, tokenizer, config.gguf_type)
     domains = text_domains(config, tokenizer)
     train_tasks, held_tasks = _tasks(config, tokenizer)
     if train_tasks:
@@ -123,7 +135,10 @@ def recover_and_export(setup: Setup, importance: Importance, arch: Architecture,
         record["pruned"] = evaluate(model, evaluation, config.batch_size).to_dict()
     card = ModelCard(budget=config.budget, command=command, metrics_before=record["pruned"],
                      metrics_after=record.get("recovered", {}))
-    record["export"] = str(export_model(model, arch, tokenizer, out, card, force=force))
+    if config.export_format == "gguf":
+        record["export"] = str(export_gguf(model, arch, tokenizer, out, config.gguf_type, force=force))
+    else:
+        record["export"] = str(export_model(model, arch, tokenizer, out, card, force=force))
     return record
 
 
@@ -144,8 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="a run directory written by python -m search.run")
     p.add_argument("--trial", type=int, help="export this trial's architecture instead of the best")
-    p.add_argument("--out", required=True, help="directory to create for the exported model")
+    p.add_argument("--out", required=True, help="directory (hf) or .gguf file (gguf) to create for the exported model")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    add_format_arguments(p, RunConfig())
     add_recovery_arguments(p, RunConfig())
     return p
 
@@ -159,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
             raise RunDirectoryError(f"{layout.config} not found; --run must be a directory made by search.run")
         saved = json.loads(layout.config.read_text())
         overrides = {k: getattr(args, k) for k in ("recover_steps", "recover_windows", "lora_rank", "distill",
-                                                   "domains", "task", "task_template", "shots")}
+                                                   "domains", "task", "task_template", "shots", "export_format",
+                                                   "gguf_type")}
         config = replace(RunConfig(**saved), out=str(layout.root), **overrides)
         arch = _architecture(layout, config, args.trial)
         out = Path(args.out)

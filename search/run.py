@@ -32,7 +32,7 @@ from pruning.masking import masked
 from pruning.metrics import perplexity
 from pruning.sensitivity import Grid, SensitivityTable, measure_sensitivity
 from search.config import SAMPLERS, TABLE_SAMPLERS, RunConfig, RunLayout
-from search.export import add_recovery_arguments, recover_and_export
+from search.export import add_format_arguments, add_recovery_arguments, recover_and_export
 from search.knapsack import knapsack
 from search.objective import Objective
 from search.plan import check_fits, make_plan
@@ -111,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--ffn-step",
         type=int,
         default=d.ffn_step,
-        help="FFN channels kept are a multiple of this (default: %(default)s)",
+        help="FFN channels kept are a multiple of this (default: 8; with --format gguf the type's block, so "
+        "every width the search proposes fits it: 32 for q8_0). GGUF block quantization needs it: 32 for "
+        "Q8_0, 256 for K-quants (Q4_K...) if you will quantize the export further with llama-quantize",
     )
     p.add_argument(
         "--no-drop", dest="allow_drop", action="store_false", help="never drop a whole attention or MLP sublayer"
@@ -133,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the memory plan (budget, search space, weights, peak per stage, cost per trial) "
                    "from the model's config alone and exit; a real run prints it first and refuses to start "
                    "when it does not fit the device")
+    add_format_arguments(p, d)
     recovery = add_recovery_arguments(p, d)
     recovery.add_argument("--no-export", dest="export", action="store_false",
                           help="stop after the search: no slicing, recovery or export")
@@ -296,11 +299,11 @@ def write_summary(study: optuna.Study, layout: RunLayout, summary: RunSummary) -
 
 def export_best(study: optuna.Study, setup: Setup, importance: Importance, summary: RunSummary,
                 argv: list[str], started: float) -> RunSummary:
-    """Slice the best architecture, recover it and export it into <run>/model; record the metrics."""
+    """Slice the best architecture, recover it and export it into <run>/model (or model.gguf); record the metrics."""
     layout = setup.layout
     arch = Architecture.from_json(layout.best_architecture.read_text())
     command = "python -m search.run " + shlex.join(argv)
-    record = recover_and_export(setup, importance, arch, layout.model, command, force=True)
+    record = recover_and_export(setup, importance, arch, layout.export_path(setup.config), command, force=True)
     study.set_user_attr("recovery", record)
     summary = replace(summary, recovery=record, wall_time_s=round(time.time() - started, 1))
     write_summary(study, layout, summary)
@@ -345,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     try:
         config = RunConfig(**{f.name: getattr(args, f.name) for f in fields(RunConfig)})
+        config.check_search_target()
         plan = make_plan(config, resolve_device(config.device))
         print(plan.to_text(), file=sys.stdout if args.dry_run else sys.stderr)
         if args.dry_run:

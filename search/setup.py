@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from finetune.data import TaskDataError, TaskFormat, read_task_jsonl
+from finetune.gguf import GGUFExportError, check_export
 from pruning import adapter
 from pruning.architecture import Architecture, ArchitectureError
 from pruning.data import DataError, read_text, token_windows
@@ -29,6 +30,7 @@ USER_ERRORS = (
     StorageError,
     StudyMismatchError,
     TaskDataError,
+    GGUFExportError,
 )
 
 
@@ -92,6 +94,8 @@ def prepare(config: RunConfig) -> Setup:
     if config.storage:
         open_storage(config.storage)
     tokenizer = adapter.load_tokenizer(config.model)
+    if config.export and config.export_format == "gguf":  # refuse now, not after the search and recovery
+        check_export(Architecture.full(spec), model_config, tokenizer, config.gguf_type)
     calibration = token_windows(
         tokenizer, calibration_text, config.seq_len, config.calibration_windows, "calibration text"
     )

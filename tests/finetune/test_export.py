@@ -192,6 +192,8 @@ def test_model_card_lists_budget_params_shapes_metrics_and_command(round_trip):
     assert "| perplexity | 80.25 | 61.5 |" in text
     assert "| 1 | 0/2 | 0/6 | 0 | 40/40 | dropped | kept |" in text
     assert "trust_remote_code=True" in text
+    assert 'llama-cli -m model.gguf -p "def main():" -n 64' in text
+    assert 'llm = Llama(model_path="model.gguf")' in text
 
 
 def test_existing_directory_is_refused_without_force(tmp_path):

@@ -151,6 +151,7 @@ def test_mismatched_study_is_refused(finished_run, tiny_model_dir, capsys):
         (["--budget", "150%"], "not below the model"),
         (["--budget", "1K"], "raise the budget"),
         (["--sampler", "anneal"], "unknown sampler 'anneal'"),
+        (["--format", "gguf"], "--ffn-step 1 lets the search pick FFN widths GGUF q8_0 cannot hold"),
         (["--storage", "postgresql://nobody@127.0.0.1:1/none"], "cannot open storage"),
         pytest.param(["--device", "cuda"], "sees no CUDA GPU; give --device cpu",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
@@ -259,6 +260,26 @@ def test_export_cli_does_not_hide_programming_errors(finished_run, tmp_path, mon
 
 
 @pytest.mark.slow
+def test_export_cli_writes_gguf_or_refuses_what_the_type_cannot_hold(finished_run, tmp_path, capsys):
+    import gguf
+
+    from search import export
+
+    out = tmp_path / "model.gguf"
+    command = ["--run", str(finished_run), "--trial", "2", "--out", str(out), "--recover-steps", "0",
+               "--recover-windows", "4", "--format", "gguf"]
+    assert export.main([*command, "--gguf-type", "q8_0"]) == 2  # hidden 48 is not a multiple of 32
+    assert "GGUF q8_0 stores rows in blocks of 32" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    assert export.main([*command, "--gguf-type", "f16"]) == 0
+    assert json.loads(capsys.readouterr().out)["export"] == str(out)
+    trial_arch = Architecture.from_json(load(finished_run).trials[2].user_attrs[ARCH_ATTR])
+    reader = gguf.GGUFReader(out)
+    arch_name = reader.fields["general.architecture"].contents()
+    assert reader.fields[f"{arch_name}.block_count"].contents() == len(trial_arch.layers)
+
+
+@pytest.mark.slow
 def test_export_cli_tunes_on_several_domains_and_a_task(finished_run, tiny_model_dir, tmp_path, capsys):
     from search import export
 
@@ -275,3 +296,13 @@ def test_export_cli_tunes_on_several_domains_and_a_task(finished_run, tiny_model
     bad = ["--run", str(finished_run), "--out", str(tmp_path / "bad"), "--domain", "no-equals-sign"]
     assert export.main(bad) == 2
     assert "--domain takes NAME=PATH" in capsys.readouterr().err
+
+
+def test_gguf_target_sets_the_ffn_step_and_the_export_path(tmp_path):
+    from search.config import RunConfig, RunLayout
+
+    assert RunConfig().ffn_step == 8
+    assert RunConfig(export_format="gguf").ffn_step == 32  # q8_0 blocks: every width the search picks fits
+    assert RunConfig(export_format="gguf", gguf_type="f16").ffn_step == 8
+    assert RunLayout(tmp_path).export_path(RunConfig(export_format="gguf")) == tmp_path / "model.gguf"
+    assert RunLayout(tmp_path).export_path(RunConfig()) == tmp_path / "model"
