@@ -95,8 +95,9 @@ def build_context(config: RunConfig, out: Path) -> Context:
     domains = text_domains(config, tokenizer)
     reference = dense_teacher(model, config, domains)
     held_out = setup.held_out
-    recovery = dict(domains=domains, config=recovery_settings(config), evaluation=EvalData(held_out),
-                    reference=reference) if config.recover_steps > 0 else None
+    recovery = None if config.recover_steps == 0 else dict(
+        domains=domains, config=recovery_settings(config), evaluation=EvalData(held_out), reference=reference,
+        validation=EvalData(setup.search_windows))
     return Context(setup, held_out, recovery, out)
 
 

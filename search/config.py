@@ -32,7 +32,7 @@ class RunConfig:
     evaluation: str = str(reference.EVALUATION_TEXT)
     seq_len: int = 256
     calibration_windows: int = 64
-    search_windows: int = 32  # evaluation windows each trial is measured on; the summary uses all of them
+    search_windows: int = 32  # evaluation windows each trial is measured on; the summary reports on the others
     importance: str = "wanda"
     sensitivity_windows: int = 4  # search windows each sensitivity-table entry is measured on (at most all)
     sensitivity_points: int = 8  # kept sizes measured per sublayer

@@ -111,14 +111,14 @@ def dense_teacher(model, config: RunConfig, domains: list):
 def recover_and_export(setup: Setup, importance: Importance, arch: Architecture, out: Path, command: str,
                        force: bool) -> dict:
     """Slice the run's model (in place) to `arch`, LoRA-tune it, write the export; return the metrics record."""
-    model, tokenizer, config, final_windows = setup.model, setup.tokenizer, setup.config, setup.final_windows
+    model, tokenizer, config = setup.model, setup.tokenizer, setup.config
     if config.export_format == "gguf":
         check_export(arch, model.config, tokenizer, config.gguf_type)
     domains = text_domains(config, tokenizer)
     train_tasks, held_tasks = _tasks(config, tokenizer)
     if train_tasks:
         domains.append(task_domain("task", train_tasks, pad_id(tokenizer)))
-    evaluation = EvalData(final_windows, held_tasks)
+    evaluation = EvalData(setup.held_out, held_tasks)  # reported on; recovery selects on the search windows
     dense = evaluate(model, evaluation, config.batch_size)
     reference = dense_teacher(model, config, domains)
     slice_model(model, arch, importance)

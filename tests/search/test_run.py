@@ -48,7 +48,7 @@ def test_run_writes_everything_a_person_needs(finished_run):
 
 
 @pytest.mark.slow
-def test_summary_perplexities_are_the_models_on_the_final_windows(finished_run):
+def test_summary_perplexities_are_the_models_on_the_held_out_windows(finished_run):
     from pruning.importance import load_or_compute
     from pruning.masking import masked
     from pruning.metrics import perplexity
@@ -60,9 +60,9 @@ def test_summary_perplexities_are_the_models_on_the_final_windows(finished_run):
     config = setup.config
     importance = load_or_compute(setup.model, setup.calibration, config.importance, finished_run, config.batch_size)
     arch = Architecture.from_json((finished_run / "best_architecture.json").read_text())
-    assert summary["base_perplexity"] == pytest.approx(perplexity(setup.model, setup.final_windows), rel=1e-6)
+    assert summary["base_perplexity"] == pytest.approx(perplexity(setup.model, setup.held_out), rel=1e-6)
     with masked(setup.model, arch, importance):
-        assert summary["best_perplexity"] == pytest.approx(perplexity(setup.model, setup.final_windows), rel=1e-6)
+        assert summary["best_perplexity"] == pytest.approx(perplexity(setup.model, setup.held_out), rel=1e-6)
 
 
 @pytest.mark.slow
@@ -85,8 +85,8 @@ def test_run_exports_the_recovered_best_model(finished_run):
     from search.config import RunConfig
     from search.setup import prepare
 
-    final = prepare(RunConfig(**json.loads((finished_run / "run.json").read_text()))).final_windows
-    assert recovery["recovered"]["perplexity"] == pytest.approx(perplexity(model, final), rel=1e-5)
+    held_out = prepare(RunConfig(**json.loads((finished_run / "run.json").read_text()))).held_out
+    assert recovery["recovered"]["perplexity"] == pytest.approx(perplexity(model, held_out), rel=1e-5)
     assert load(finished_run).user_attrs["recovery"] == recovery
 
 
