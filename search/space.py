@@ -260,15 +260,18 @@ class SearchSpace:
             target[i] = 0.05 if target[i] == 0 else 0.0
         return self.project(attn, ffn)
 
-    def swap(self, arch: Architecture, rng: np.random.Generator, max_steps: int = 4) -> Architecture:
-        """A local move in the discrete choices: one sublayer gives up 1..max_steps of its steps (attention
-        levels or FFN widths), another takes as many; then the budget is repaired (the taker gives back
-        what is over, the fill spends what is under). Sublayers are never dropped or restored here."""
+    def swap(self, arch: Architecture, rng: np.random.Generator) -> Architecture:
+        """A move in the discrete choices: one sublayer gives up some of its steps (attention levels or FFN
+        widths), another takes as many; then the budget is repaired (the taker gives back what is over, the
+        fill spends what is under). The number of steps is log-uniform up to a quarter of the giver's range,
+        so most moves are small but some shift a large block of channels between layers. Sublayers are
+        never dropped or restored here."""
         levels, ffn = self.indices(arch)  # (L,) each: attention level, FFN choice index
         choices = self.ffn_choices()
         tops = np.array([len(self.levels) - 1, len(choices) - 1])
         donor, taker = rng.choice(2 * len(levels), size=2, replace=False)
-        steps = int(rng.integers(1, max_steps + 1))
+        reach = max(1, tops[donor // len(levels)] // 4)
+        steps = max(1, int(np.exp(rng.uniform(0, np.log(reach + 1)))))
         for sub, sign in ((donor, -1), (taker, 1)):
             kind, i = divmod(sub, len(levels))
             index = levels if kind == 0 else ffn
