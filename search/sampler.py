@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from functools import cached_property
 
 import numpy as np
 import optuna
@@ -119,7 +120,7 @@ class PredictorSampler(BaseSampler):
     # ---- phases --------------------------------------------------------------------------------
     def _startup(self, n_measured: int, taken: set, rng: np.random.Generator) -> Architecture:
         if self.costs is not None:  # the knapsack, then tilted knapsacks: the axes first, then the rest in seeded order
-            tilted = self._tilted()
+            tilted = self._tilted
             order = np.random.default_rng(self.seed).permutation(np.arange(4, len(tilted)))
             return self._fresh([tilted[i] for i in (0, 1, 2, 3, 4, *order)], taken, rng)
         fixed = [self.space.uniform(), self.space.threshold(self.importance)]
@@ -140,6 +141,7 @@ class PredictorSampler(BaseSampler):
         scale = np.exp(rng.normal(0, sigma, (2, len(attn), 1)))  # one factor per sublayer keeps its curve's shape
         return knapsack.solve(self.space, attn * scale[0], ffn * scale[1])
 
+    @cached_property
     def _tilted(self) -> list[Architecture]:
         """Knapsacks whose costs lean with depth and between attention and FFN, the two directions in which
         errors compound most (early layers feed all later ones; attention and FFN interact):
@@ -147,14 +149,12 @@ class PredictorSampler(BaseSampler):
             cost'[i] = cost[i] * exp(depth * (i / (L-1) - 1/2) +/- split / 2)      (+ attention, - FFN)
 
         for depth, split in a 5 x 5 grid; first the knapsack itself (0, 0), then the four axes' ends."""
-        if not hasattr(self, "_tilted_cache"):
-            attn, ffn = self.costs
-            position = np.linspace(-0.5, 0.5, len(attn))[:, None]  # (L, 1)
-            grid = [(0, 0), (2, 0), (-2, 0), (0, 1.5), (0, -1.5)]
-            grid += [(d, t) for d in (-2, -1, 0, 1, 2) for t in (-1.5, -0.75, 0, 0.75, 1.5) if (d, t) not in grid]
-            self._tilted_cache = [knapsack.solve(self.space, attn * np.exp(d * position + t / 2),
-                                                 ffn * np.exp(d * position - t / 2)) for d, t in grid]
-        return self._tilted_cache
+        attn, ffn = self.costs
+        position = np.linspace(-0.5, 0.5, len(attn))[:, None]  # (L, 1)
+        grid = [(0, 0), (2, 0), (-2, 0), (0, 1.5), (0, -1.5)]
+        grid += [(d, t) for d in (-2, -1, 0, 1, 2) for t in (-1.5, -0.75, 0, 0.75, 1.5) if (d, t) not in grid]
+        return [knapsack.solve(self.space, attn * np.exp(d * position + t / 2), ffn * np.exp(d * position - t / 2))
+                for d, t in grid]
 
     def _corrected_costs(self, archs: list[Architecture], values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The table's costs with one factor per sublayer fitted to the measured pairs:
@@ -213,7 +213,7 @@ class PredictorSampler(BaseSampler):
         pool += [self.space.random(rng) for _ in range(n - len(pool))]
         if self.costs is not None:
             corrected = self._corrected_costs(list(archs), values)
-            pool += [knapsack.solve(self.space, *corrected), *self._tilted()]
+            pool += [knapsack.solve(self.space, *corrected), *self._tilted]
             pool += [self._perturbed_knapsack(rng, sigma, corrected) for sigma in (0.1, 0.2, 0.4)]
         unique = {self._key(a): a for a in pool}
         return list(unique.values())
