@@ -171,13 +171,10 @@ def _or_ones(scores: np.ndarray) -> np.ndarray:
 
 
 def _signature(importance: Importance) -> dict[str, Any]:
-    h = hashlib.sha256()
-    for a in importance.heads + importance.channels:
-        h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
     return {
         "feature_version": FEATURE_VERSION,
         "base_model": importance.spec.base_model,
         "spec_digest": spec_digest(importance.spec),
         "importance_method": importance.method,
-        "importance_digest": h.hexdigest()[:16],
+        "importance_digest": importance.digest(),
     }

@@ -65,6 +65,13 @@ class Importance:
     def kept_channels(self, layer: int, shape: LayerShape) -> np.ndarray:
         return np.sort(_top(self.channels[layer], shape.ffn_channels))
 
+    def digest(self) -> str:
+        """16 hex digits identifying the scores (which units every architecture keeps)."""
+        h = hashlib.sha256()
+        for a in self.heads + self.channels:
+            h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
+        return h.hexdigest()[:16]
+
     def to_arrays(self) -> dict[str, np.ndarray]:
         out = {f"heads.{i}": h for i, h in enumerate(self.heads)}
         out.update({f"channels.{i}": c for i, c in enumerate(self.channels)})

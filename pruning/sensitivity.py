@@ -187,9 +187,7 @@ def _cache_path(model, importance, windows, grid, losses, cache_dir) -> Path | N
     if cache_dir is None:
         return None
     h = hashlib.sha256(json.dumps([CACHE_VERSION, grid.attention, grid.ffn, sorted(losses)]).encode())
-    h.update(cache_key(model, windows, importance.method).encode())
-    for a in importance.heads + importance.channels:
-        h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
+    h.update((cache_key(model, windows, importance.method) + importance.digest()).encode())
     return Path(cache_dir) / f"sensitivity-{h.hexdigest()[:20]}.json"
 
 
