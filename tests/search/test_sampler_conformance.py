@@ -24,6 +24,8 @@ from search.objective import propose
 from search.sampler import ARCH_ATTR, AdditiveSampler, PredictorSampler, trial_architecture
 from search.space import SearchSpace
 
+pytestmark = pytest.mark.slow  # about 2 minutes: each sampler runs real Optuna studies with its full machinery
+
 SPEC = ModelSpec("synthetic", "llama", vocab_size=10, hidden_size=16, num_layers=3, num_kv_heads=2, group_size=2,
                  head_dim=4, intermediate_size=32, tie_embeddings=True, qkv_bias=False, o_bias=False, mlp_bias=False)
 SPACE = SearchSpace(SPEC, int(Architecture.full(SPEC).params() * 0.6), ffn_step=8, tolerance=0.05)
