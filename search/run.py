@@ -260,7 +260,7 @@ def finish(study: optuna.Study, setup: Setup, importance: Importance, sensitivit
     if len(archs) >= 5:
         features = FeatureBuilder(importance, sensitivity).table(archs)
         AccuracyPredictor(seed=c.seed).fit(features, values).save(layout.predictor)
-    table_windows = study.user_attrs.get("sensitivity", {}).get("windows_evaluated", 0)
+    table_cost = study.user_attrs.get("sensitivity", {}).get("windows_evaluated", 0)
     complete = count_trials(study, TrialState.COMPLETE)
     failed = sum(t.state == TrialState.FAIL and is_measurement(t) for t in study.trials)
     tau, pairs = own_kendall(study)
@@ -281,7 +281,7 @@ def finish(study: optuna.Study, setup: Setup, importance: Importance, sensitivit
         knapsack_perplexity=base.get("knapsack"),
         best_perplexity=best_ppl,
         held_out_windows=len(setup.held_out),
-        windows_evaluated=table_windows + (complete + failed) * len(setup.search_windows),
+        windows_evaluated=table_cost + (complete + failed) * len(setup.search_windows),
         predictor_kendall_tau=tau,
         predictor_pairs=pairs,
         wall_time_s=round(time.time() - started, 1),
