@@ -134,10 +134,10 @@ class PredictorSampler(BaseSampler):
         return self._fresh([self.space.random(rng, split=(stratum + rng.uniform()) / n) for _ in range(20)], taken, rng)
 
     def _perturbed_knapsack(
-        self, rng: np.random.Generator, sigma: float, costs: tuple[np.ndarray, np.ndarray] | None = None
+        self, rng: np.random.Generator, sigma: float, costs: tuple[np.ndarray, np.ndarray]
     ) -> Architecture:
-        """The knapsack with each sublayer's costs scaled by its own log-normal factor."""
-        attn, ffn = costs or self.costs
+        """The knapsack on `costs` with each sublayer's scaled by its own log-normal factor."""
+        attn, ffn = costs
         scale = np.exp(rng.normal(0, sigma, (2, len(attn), 1)))  # one factor per sublayer keeps its curve's shape
         return knapsack.solve(self.space, attn * scale[0], ffn * scale[1])
 
