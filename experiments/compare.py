@@ -155,7 +155,7 @@ def prune_method(method: str, ctx: Context, space: SearchSpace, layout: RunLayou
         grid = Grid.spread(space.spec, setup.config.sensitivity_points)
         table, seconds = ctx.once("sensitivity", lambda: measure_sensitivity(
             dense, wanda, run.table_windows(setup), grid, ("nll",), batch, ctx.out))
-        windows = (table.measurements() + 1) * table.windows
+        windows = table.windows_evaluated()
         return (slice_model(copy.deepcopy(dense), knapsack(space, table), wanda), seconds, table.measurements(),
                 f"{table.measurements()} sublayer sizes x {table.windows} windows", windows)
     scores = "wanda" if method == "uniform" else "fluctuation"

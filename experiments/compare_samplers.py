@@ -32,8 +32,8 @@ from search.report import write_atomic
 def table_cost(config: RunConfig) -> int:
     """Windows the sensitivity table costs: each grid option and the dense pass, on its windows."""
     spec = adapter.spec_from_config(adapter.load_config(config.model), config.model)
-    options = len(Grid.spread(spec, config.sensitivity_points).options(spec))
-    return (options + 1) * min(config.sensitivity_windows, config.search_windows)
+    windows = min(config.sensitivity_windows, config.search_windows)
+    return Grid.spread(spec, config.sensitivity_points).windows_evaluated(spec, windows)
 
 
 def curve(study: optuna.Study, start: int, per_trial: int) -> pd.DataFrame:

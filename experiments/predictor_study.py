@@ -37,7 +37,7 @@ from predictor.model import AccuracyPredictor
 from predictor.validate import evaluate_holdout
 from pruning import adapter, reference
 from pruning.architecture import Architecture
-from pruning.data import read_text, token_windows
+from pruning.data import evenly_spaced, read_text, token_windows
 from pruning.importance import METHODS, Importance, cache_key, load_or_compute
 from pruning.masking import masked
 from pruning.metrics import perplexity
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics = measured["perplexity"].to_numpy(dtype=np.float64)
     results = study(FeatureBuilder(importance).table(archs), metrics, args.n_train, args.seeds, args.top_k)
     if args.sensitivity_windows:
-        picked = torch.linspace(0, len(evaluation) - 1, args.sensitivity_windows).round().long().unique()
+        picked = evenly_spaced(len(evaluation), args.sensitivity_windows)
         sensitivity = measure_sensitivity(model, importance, evaluation[picked], Grid.spread(importance.spec),
                                           ("nll",), cache_dir=out)
         additive = {f"{name} +additive": make for name, make in PREDICTORS.items() if not name.startswith("proxy")}

@@ -50,6 +50,11 @@ def _hub_text(name: str, split: str) -> str:
     return "\n\n".join(r[column] for r in rows)
 
 
+def evenly_spaced(total: int, n: int) -> torch.Tensor:
+    """(min(n, total),) indices spread evenly over range(total), first and last included."""
+    return torch.linspace(0, total - 1, min(n, total)).round().long().unique()
+
+
 def token_windows(
     tokenizer, text: str, seq_len: int, max_windows: int | None = None, what: str = "text"
 ) -> torch.Tensor:

@@ -62,6 +62,10 @@ class Grid:
         ffn = sorted({round(width * k / points) for k in range(points)} | {width})
         return cls(((0, 0), *levels), tuple(ffn))
 
+    def windows_evaluated(self, spec: ModelSpec, windows: int) -> int:
+        """Evaluation windows a table on `windows` windows costs: every option, plus the dense pass."""
+        return (len(self.options(spec)) + 1) * windows
+
     def options(self, spec: ModelSpec) -> list[tuple[str, int, LayerShape]]:
         """(kind, layer, the layer's shape) of every measurement: each sublayer at each size but full."""
         full = Architecture.full(spec).layers[0]
@@ -92,6 +96,9 @@ class SensitivityTable:
 
     def measurements(self) -> int:
         return len(self.grid.options(self.spec))
+
+    def windows_evaluated(self) -> int:
+        return self.grid.windows_evaluated(self.spec, self.windows)
 
     def using(self, loss: str | None = None, windows: int | None = None) -> SensitivityTable:
         """The same table reading `loss`, on its first `windows` windows."""

@@ -38,7 +38,7 @@ from finetune.recover import RecoveryConfig, recover
 from pruning.architecture import Architecture
 from pruning.importance import Importance, load_or_compute
 from pruning.slicing import slice_model
-from search.config import RunConfig, RunLayout
+from search.config import EXPORT_FORMATS, RunConfig, RunLayout
 from search.sampler import trial_architecture
 from search.setup import USER_ERRORS, Setup, prepare
 
@@ -70,7 +70,7 @@ def add_recovery_arguments(p: argparse.ArgumentParser, d: RunConfig) -> argparse
 
 
 def add_format_arguments(p: argparse.ArgumentParser, d: RunConfig) -> None:
-    p.add_argument("--format", dest="export_format", choices=("hf", "gguf"), default=d.export_format,
+    p.add_argument("--format", dest="export_format", choices=EXPORT_FORMATS, default=d.export_format,
                    help="hf: a transformers directory (per-layer remote code when shapes differ); gguf: one file "
                         "for llama.cpp, per-layer shapes as its deci architecture (default: %(default)s)")
     p.add_argument("--gguf-type", choices=GGUF_TYPES, default=d.gguf_type,

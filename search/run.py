@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from predictor.features import FeatureBuilder
 from predictor.model import AccuracyPredictor
 from pruning.architecture import Architecture, format_count
+from pruning.data import evenly_spaced
 from pruning.importance import Importance, load_or_compute
 from pruning.masking import masked
 from pruning.metrics import perplexity
@@ -184,8 +185,7 @@ def identity(setup: Setup) -> dict:
 
 def table_windows(setup: Setup) -> torch.Tensor:
     """(n, T) the sensitivity table's windows: `sensitivity_windows` evenly spread over the search windows."""
-    n = min(setup.config.sensitivity_windows, len(setup.search_windows))
-    return setup.search_windows[torch.linspace(0, len(setup.search_windows) - 1, n).round().long().unique()]
+    return setup.search_windows[evenly_spaced(len(setup.search_windows), setup.config.sensitivity_windows)]
 
 
 def sensitivity_table(study: optuna.Study, setup: Setup, importance: Importance) -> SensitivityTable:
@@ -199,7 +199,7 @@ def sensitivity_table(study: optuna.Study, setup: Setup, importance: Importance)
         study.set_user_attr("sensitivity", {
             "measurements": table.measurements(),
             "windows": table.windows,
-            "windows_evaluated": (table.measurements() + 1) * table.windows,  # + the dense pass
+            "windows_evaluated": table.windows_evaluated(),
             "seconds": round(time.perf_counter() - started, 1),
         })
     return table

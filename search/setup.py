@@ -10,7 +10,7 @@ from finetune.data import TaskDataError, TaskFormat, read_task_jsonl
 from finetune.gguf import GGUFExportError, check_export
 from pruning import adapter
 from pruning.architecture import Architecture, ArchitectureError
-from pruning.data import DataError, read_text, token_windows
+from pruning.data import DataError, evenly_spaced, read_text, token_windows
 from pruning.metrics import default_device
 from search.budget import BudgetError, parse_budget
 from search.config import ConfigError, RunConfig, RunLayout
@@ -100,7 +100,7 @@ def prepare(config: RunConfig) -> Setup:
         tokenizer, calibration_text, config.seq_len, config.calibration_windows, "calibration text"
     )
     final = token_windows(tokenizer, evaluation_text, config.seq_len, FINAL_EVAL_WINDOWS, "evaluation text")
-    picked = torch.linspace(0, len(final) - 1, min(config.search_windows, len(final))).round().long().unique()
+    picked = evenly_spaced(len(final), config.search_windows)
     held_out = final[~torch.isin(torch.arange(len(final)), picked)]
     if len(held_out) == 0:
         raise DataError(
