@@ -29,6 +29,7 @@ import argparse
 import copy
 import json
 import math
+import shutil
 import sys
 import time
 from contextlib import redirect_stdout
@@ -120,11 +121,22 @@ def run_config(argv: list[str]) -> RunConfig:
 def search_run(argv: list[str], removed: str, seed: int, out: Path) -> RunLayout:
     """Run (or resume) the search for this budget and seed; its best architecture is in the run directory."""
     layout = RunLayout(out / f"search-removed-{removed.rstrip('%')}pct-seed{seed}")
+    share_tables(out, layout.root)
     argv = [*argv, "--seed", str(seed), "--no-export", "--out", str(layout.root)]
     with redirect_stdout(sys.stderr):
         if run.main(argv) != 0:
             raise SystemExit(f"the search for {removed} removed failed; see above")
     return layout
+
+
+def share_tables(out: Path, run_dir: Path) -> None:
+    """Give a run the sensitivity tables already measured under `out` (the rival's, other seeds'). The caches are
+    keyed by content (model, windows, scores, grid, base), so a run reads only the tables it would measure itself;
+    it still counts their windows as its cost."""
+    for path in out.glob("**/sensitivity-*.json"):
+        if not (run_dir / path.name).exists():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, run_dir / path.name)
 
 
 def search_seconds(summary: dict) -> float:

@@ -1,13 +1,14 @@
 """Samplers at equal cost: best-so-far against evaluation windows measured, on the reference model.
 
     python -m experiments.compare_samplers [--budget 50%] [--windows 1536] [--seeds 0 1 2]
-        [--samplers predictor knapsack tpe random] [--out runs/compare_samplers]
+        [--samplers predictor knapsack tpe random] [--out runs/compare_samplers] [-- search.run arguments]
 
 Each (sampler, seed) is one `search.run` whose trials fill --windows evaluation windows: the
-samplers that start from the sensitivity table pay for it first (its windows count), the others
-spend everything on trials. Values are the search objective (perplexity on the run's search
-windows); the best candidate of each run is also measured on the held-out windows no trial saw.
-Writes results.csv, results.md and curves.png to --out and prints the table.
+samplers that start from the sensitivity tables pay for them first (their windows count), the
+others spend everything on trials. After `--`, search.run arguments shared by every run
+(`-- --no-local-table` compares with the dense table alone). Values are the search objective
+(perplexity on the run's search windows); the best candidate of each run is also measured on the
+held-out windows no trial saw. Writes results.csv, results.md and curves.png to --out and prints the table.
 """
 
 from __future__ import annotations
@@ -22,18 +23,20 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-from pruning import adapter
-from pruning.sensitivity import Grid
+from experiments.compare import run_config
 from search import run
-from search.config import TABLE_SAMPLERS, RunConfig
+from search.config import TABLE_SAMPLERS
 from search.report import write_atomic
 
 
-def table_cost(config: RunConfig) -> int:
-    """Windows the sensitivity table costs: each grid option and the dense pass, on its windows."""
-    spec = adapter.spec_from_config(adapter.load_config(config.model), config.model)
-    windows = min(config.sensitivity_windows, config.search_windows)
-    return Grid.spread(spec, config.sensitivity_points).windows_evaluated(spec, windows)
+def table_cost(argv: list[str]) -> int:
+    """Windows the run's sensitivity tables cost (0 for samplers without one). The second table's size depends
+    on the first's knapsack, so both are measured here, into the run directory the search then reuses."""
+    config = run_config(argv)
+    if config.sampler not in TABLE_SAMPLERS:
+        return 0
+    _, study, _, _ = run.start(config)
+    return study.user_attrs["sensitivity"]["windows_evaluated"]
 
 
 def curve(study: optuna.Study, start: int, per_trial: int) -> pd.DataFrame:
@@ -73,17 +76,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--samplers", nargs="+", default=["predictor", "knapsack", "tpe", "random"])
     p.add_argument("--out", default="runs/compare_samplers")
+    p.add_argument("search_args", nargs=argparse.REMAINDER,
+                   help="after --: python -m search.run arguments shared by every run, e.g. --no-local-table")
     args = p.parse_args(argv)
-    out = Path(args.out)
-    per_trial, cost = RunConfig().search_windows, table_cost(RunConfig())
+    out, extra = Path(args.out), [a for a in args.search_args if a != "--"]
+    per_trial = run_config(extra).search_windows
     curves, finals = [], []
     for seed in args.seeds:
         for sampler in args.samplers:
-            start = cost if sampler in TABLE_SAMPLERS else 0
-            trials = (args.windows - start) // per_trial
             run_dir = out / f"{sampler}-seed{seed}"
-            code = run.main(["--budget", args.budget, "--trials", str(trials), "--sampler", sampler, "--seed",
-                             str(seed), "--no-export", "--out", str(run_dir)])
+            argv = [*extra, "--budget", args.budget, "--sampler", sampler, "--seed", str(seed), "--no-export",
+                    "--out", str(run_dir)]
+            start = table_cost(argv)
+            trials = (args.windows - start) // per_trial
+            code = run.main([*argv, "--trials", str(trials)])
             if code != 0:
                 print(f"run {run_dir} failed with exit code {code}", file=sys.stderr)
                 return code

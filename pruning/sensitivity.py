@@ -1,17 +1,22 @@
-"""The per-sublayer sensitivity database: each sublayer alone at a few kept sizes, the rest of the model full.
+"""The per-sublayer sensitivity database: each sublayer alone at a few kept sizes, the rest of the model at a base.
 
 For sublayer s (the attention or the MLP of layer i) kept at size o, the model is masked so
-that only s changes, and the rise of a loss over the dense model on a few windows is the cost
-of that choice:
+that only s differs from the base architecture (by default the dense model), and the rise of a
+loss over the base on a few windows is the cost of that choice:
 
-    cost[s, o] = mean_w [ loss_w(model with s at o) - loss_w(dense) ]
+    cost[s, o] = mean_w [ loss_w(base with s at o) - loss_w(base) ]
     loss: "nll"  mean next-token NLL (the rise is the rise of log-perplexity)
           "kl"   mean KL(dense || pruned) of the next-token distributions (the dense model's is 0)
+
+A table around a pruned base (the knapsack of the dense table, say) measures each sublayer in
+the context the search actually works in: how much an FFN costs to cut when its neighbours are
+already cut, and how much one gains when it is given back (a negative cost).
 
 Sizes are measured on a grid (`Grid`: every attention level when a layer has at most `points`
 of them, else `points` spread evenly in kept parameters; FFN widths k/points of the full
 width) and linearly interpolated in kept parameters in between, then made monotone: keeping
-fewer units never costs less than keeping more, and nothing costs less than keeping all.
+fewer units never costs less than keeping more, and the base's own size costs nothing (so sizes
+above it cost at most 0, below it at least 0).
 The additive estimate of an architecture, sum_s cost[s, size_s], is the "level database" of
 OWL-style allocation, ZipLM and EvoPress/DarwinLM; `search.knapsack` minimises it under a budget.
 
@@ -62,59 +67,78 @@ class Grid:
         ffn = sorted({round(width * k / points) for k in range(points)} | {width})
         return cls(((0, 0), *levels), tuple(ffn))
 
-    def windows_evaluated(self, spec: ModelSpec, windows: int) -> int:
-        """Evaluation windows a table on `windows` windows costs: every option, plus the dense pass."""
-        return (len(self.options(spec)) + 1) * windows
+    def windows_evaluated(self, spec: ModelSpec, windows: int, base: Architecture | None = None) -> int:
+        """Evaluation windows a table on `windows` windows costs: every option, plus the base's pass."""
+        return (len(self.options(spec, base)) + 1) * windows
 
-    def options(self, spec: ModelSpec) -> list[tuple[str, int, LayerShape]]:
-        """(kind, layer, the layer's shape) of every measurement: each sublayer at each size but full."""
-        full = Architecture.full(spec).layers[0]
+    def options(self, spec: ModelSpec, base: Architecture | None = None) -> list[tuple[str, int, LayerShape]]:
+        """(kind, layer, the layer's shape) of every measurement: each sublayer at each grid size but the base's."""
+        base = base or Architecture.full(spec)
         out = []
-        for i in range(spec.num_layers):
-            out += [("attention", i, replace(full, kv_heads=kv, heads_per_group=h)) for kv, h in self.attention[:-1]]
-            out += [("ffn", i, replace(full, ffn_channels=c)) for c in self.ffn[:-1]]
+        for i, here in enumerate(base.layers):
+            out += [("attention", i, replace(here, kv_heads=kv, heads_per_group=h)) for kv, h in self.attention
+                    if (kv, h) != (here.kv_heads, here.heads_per_group)]
+            out += [("ffn", i, replace(here, ffn_channels=c)) for c in self.ffn if c != here.ffn_channels]
         return out
 
 
 @dataclass(frozen=True)
 class SensitivityTable:
-    """Per-window rises of each loss: attention[loss] (L, A, N) over grid.attention, ffn[loss] (L, F, N)."""
+    """Per-window rises of each loss over the base: attention[loss] (L, A, N) over grid.attention, ffn[loss]
+    (L, F, N) over grid.ffn; a size that is the base's own reads 0."""
 
     spec: ModelSpec
     grid: Grid
     attention: dict[str, np.ndarray]
     ffn: dict[str, np.ndarray]
     loss: str = "nll"  # which loss the costs read
+    base: Architecture | None = None  # what the other sublayers keep while one is measured; None: the dense model
 
     def __post_init__(self) -> None:
         if self.loss not in self.attention:
             raise ValueError(f"the table holds {sorted(self.attention)}, not {self.loss!r}; measure it with that loss")
+        n = self.spec.num_layers
+        for kind, arrays, sizes in (("attention", self.attention, self.grid.attention),
+                                    ("ffn", self.ffn, self.grid.ffn)):
+            for loss, a in arrays.items():
+                if a.shape[:2] != (n, len(sizes)):
+                    raise ValueError(f"{kind}[{loss!r}] has shape {a.shape}; expected ({n}, {len(sizes)}, windows)")
+
+    @property
+    def base_architecture(self) -> Architecture:
+        return self.base or Architecture.full(self.spec)
 
     @property
     def windows(self) -> int:
         return self.attention[self.loss].shape[-1]
 
     def measurements(self) -> int:
-        return len(self.grid.options(self.spec))
+        return len(self.grid.options(self.spec, self.base))
 
     def windows_evaluated(self) -> int:
-        return self.grid.windows_evaluated(self.spec, self.windows)
+        return self.grid.windows_evaluated(self.spec, self.windows, self.base)
 
     def using(self, loss: str | None = None, windows: int | None = None) -> SensitivityTable:
         """The same table reading `loss`, on its first `windows` windows."""
         cut = slice(None, windows)
         return SensitivityTable(self.spec, self.grid, {k: v[..., cut] for k, v in self.attention.items()},
-                                {k: v[..., cut] for k, v in self.ffn.items()}, loss or self.loss)
+                                {k: v[..., cut] for k, v in self.ffn.items()}, loss or self.loss, self.base)
 
     def _curve(self, kind: str, layer: int) -> tuple[np.ndarray, np.ndarray]:
-        """(kept parameters (P,), monotone cost (P,)) of one sublayer's grid, ascending in parameters."""
-        s = self.spec
+        """(kept parameters (P,), monotone cost (P,)) of one sublayer's grid and the base's size, ascending."""
+        s, here = self.spec, self.base_architecture.layers[layer]
         if kind == "attention":
             x, rise = [s.attention_params(*p) for p in self.grid.attention], self.attention[self.loss][layer]
+            own = s.attention_params(here.kv_heads, here.heads_per_group)
         else:
             x, rise = [s.mlp_params(c) for c in self.grid.ffn], self.ffn[self.loss][layer]
-        cost = np.append(rise.mean(-1), 0.0)  # the full size costs nothing
-        return np.array(x, dtype=float), np.maximum.accumulate(cost[::-1])[::-1]
+            own = s.mlp_params(here.ffn_channels)
+        x, cost = np.array(x, dtype=float), rise.mean(-1)
+        if own not in x:  # the base's size between grid points costs nothing by definition
+            at = int(np.searchsorted(x, own))
+            x, cost = np.insert(x, at, own), np.insert(cost, at, 0.0)
+        cost = np.where(x > own, np.minimum(cost, 0.0), np.maximum(cost, 0.0))
+        return x, np.maximum.accumulate(cost[::-1])[::-1]
 
     @cached_property
     def _curves(self) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
@@ -150,39 +174,52 @@ def measure_sensitivity(
     losses: tuple[str, ...] = ("nll",),
     batch_size: int = 8,
     cache_dir: str | Path | None = None,
+    base: Architecture | None = None,
 ) -> SensitivityTable:
-    """Measure every option of `grid` on `windows` (N, T); costs N windows per option, plus the dense pass."""
+    """Measure every option of `grid` around `base` (default: the dense model) on `windows` (N, T); costs N
+    windows per option, plus the base's pass."""
     unknown = set(losses) - set(LOSSES)
     if unknown or not losses:
         raise ValueError(f"losses must be some of {LOSSES}, got {losses}")
     spec = importance.spec
-    path = _cache_path(model, importance, windows, grid, losses, cache_dir)
+    path = _cache_path(model, importance, windows, grid, losses, cache_dir, base)
     done = json.loads(path.read_text()) if path is not None and path.exists() else {}
     reference = next_token_logprobs(model, windows, batch_size) if "kl" in losses else None
-    dense = window_losses(model, windows, batch_size, reference)
-    full = Architecture.full(spec)
-    options = grid.options(spec)
-    for kind, layer, shape in tqdm(options, desc="sensitivity", unit="option", leave=False):
+    if base is None:
+        before = window_losses(model, windows, batch_size, reference)
+        before["kl"] = np.zeros(len(windows))  # the dense model's KL to itself
+    else:
+        with masked(model, base, importance):
+            before = window_losses(model, windows, batch_size, reference)
+    around = base or Architecture.full(spec)
+    for kind, layer, shape in tqdm(grid.options(spec, base), desc="sensitivity", unit="option", leave=False):
         key = _option_key(kind, layer, shape)
         if key in done:
             continue
-        arch = Architecture(spec, full.layers[:layer] + (shape,) + full.layers[layer + 1:])
+        arch = Architecture(spec, around.layers[:layer] + (shape,) + around.layers[layer + 1:])
         with masked(model, arch, importance):
             got = window_losses(model, windows, batch_size, reference)
-        done[key] = {loss: (got[loss] - (dense[loss] if loss == "nll" else 0.0)).tolist() for loss in losses}
+        done[key] = {loss: (got[loss] - before[loss]).tolist() for loss in losses}
         if path is not None:
             _write_atomic(path, json.dumps(done))
-    return _table(spec, grid, losses, done)
+    return _table(spec, grid, losses, done, base, len(windows))
 
 
-def _table(spec: ModelSpec, grid: Grid, losses: tuple[str, ...], done: dict) -> SensitivityTable:
+def _table(spec: ModelSpec, grid: Grid, losses: tuple[str, ...], done: dict, base: Architecture | None,
+           n_windows: int) -> SensitivityTable:
+    """Arrays over the whole grid from the measured options; the base's own sizes read 0."""
+    around, zero = base or Architecture.full(spec), [0.0] * n_windows
+
+    def rise(kind: str, layer: int, shape: LayerShape, loss: str) -> list[float]:
+        return zero if shape == around.layers[layer] else done[_option_key(kind, layer, shape)][loss]
+
     attention, ffn = {}, {}
     for loss in losses:
-        attention[loss] = np.array([[done[_option_key("attention", i, LayerShape(kv, h, spec.intermediate_size))][loss]
-                                     for kv, h in grid.attention[:-1]] for i in range(spec.num_layers)])
-        ffn[loss] = np.array([[done[_option_key("ffn", i, LayerShape(spec.num_kv_heads, spec.group_size, c))][loss]
-                               for c in grid.ffn[:-1]] for i in range(spec.num_layers)])
-    return SensitivityTable(spec, grid, attention, ffn, losses[0])
+        attention[loss] = np.array([[rise("attention", i, replace(here, kv_heads=kv, heads_per_group=h), loss)
+                                     for kv, h in grid.attention] for i, here in enumerate(around.layers)])
+        ffn[loss] = np.array([[rise("ffn", i, replace(here, ffn_channels=c), loss) for c in grid.ffn]
+                              for i, here in enumerate(around.layers)])
+    return SensitivityTable(spec, grid, attention, ffn, losses[0], base)
 
 
 def _option_key(kind: str, layer: int, shape: LayerShape) -> str:
@@ -190,10 +227,11 @@ def _option_key(kind: str, layer: int, shape: LayerShape) -> str:
     return f"{kind}:{layer}:{size}"
 
 
-def _cache_path(model, importance, windows, grid, losses, cache_dir) -> Path | None:
+def _cache_path(model, importance, windows, grid, losses, cache_dir, base) -> Path | None:
     if cache_dir is None:
         return None
-    h = hashlib.sha256(json.dumps([CACHE_VERSION, grid.attention, grid.ffn, sorted(losses)]).encode())
+    around = [] if base is None else [base.to_json()]  # dense tables keep the keys they always had
+    h = hashlib.sha256(json.dumps([CACHE_VERSION, grid.attention, grid.ffn, sorted(losses), *around]).encode())
     h.update((cache_key(model, windows, importance.method) + importance.digest()).encode())
     return Path(cache_dir) / f"sensitivity-{h.hexdigest()[:20]}.json"
 

@@ -106,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="kept sizes measured per sublayer for the sensitivity table (default: %(default)s)",
     )
     p.add_argument(
+        "--local-table",
+        action=argparse.BooleanOptionalAction,
+        default=d.local_table,
+        help="also measure a table around the first table's knapsack (each sublayer moved while the others stay "
+        "pruned) and start the search from its knapsack; costs about as much as the first (default: %(default)s)",
+    )
+    p.add_argument(
         "--n-startup", type=int, default=d.n_startup, help="trials before the predictor guides (default: %(default)s)"
     )
     p.add_argument(
@@ -149,13 +156,14 @@ def make_sampler(
     importance: Importance,
     sensitivity: SensitivityTable | None = None,
     resumed_trials: int = 0,
+    local: SensitivityTable | None = None,
 ) -> optuna.samplers.BaseSampler:
     """The chosen sampler. Ours draws per trial number; Optuna's get a seed offset on resume
     so they do not replay the proposals the study already holds."""
     if config.sampler == "predictor":
-        return PredictorSampler(space, importance, sensitivity, n_startup=config.n_startup, seed=config.seed)
+        return PredictorSampler(space, importance, sensitivity, local, n_startup=config.n_startup, seed=config.seed)
     if config.sampler == "knapsack":
-        return AdditiveSampler(space, importance, sensitivity, n_startup=config.n_startup, seed=config.seed)
+        return AdditiveSampler(space, importance, sensitivity, local, n_startup=config.n_startup, seed=config.seed)
     seed = config.seed + resumed_trials
     if config.sampler == "tpe":
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=config.n_startup, multivariate=True)
@@ -179,7 +187,8 @@ def identity(setup: Setup) -> dict:
         "importance": c.importance,
         "seq_len": c.seq_len,
         "sampler": c.sampler,
-        "sensitivity": [c.sensitivity_windows, c.sensitivity_points] if c.sampler in TABLE_SAMPLERS else None,
+        "sensitivity": [c.sensitivity_windows, c.sensitivity_points, c.local_table]
+        if c.sampler in TABLE_SAMPLERS else None,
     }
 
 
@@ -188,21 +197,32 @@ def table_windows(setup: Setup) -> torch.Tensor:
     return setup.search_windows[evenly_spaced(len(setup.search_windows), setup.config.sensitivity_windows)]
 
 
-def sensitivity_table(study: optuna.Study, setup: Setup, importance: Importance) -> SensitivityTable:
-    """The per-sublayer table on `sensitivity_windows` of the search windows (cached in the run directory);
-    its cost in windows is stored on the study."""
+def sensitivity_tables(
+    study: optuna.Study, setup: Setup, importance: Importance
+) -> tuple[SensitivityTable, SensitivityTable | None]:
+    """The per-sublayer table around the dense model and, with `local_table`, a second one around the first's
+    knapsack, each on `sensitivity_windows` of the search windows (cached in the run directory). Their cost in
+    windows is stored on the study."""
     c = setup.config
     started = time.perf_counter()
-    table = measure_sensitivity(setup.model, importance, table_windows(setup), Grid.spread(setup.space.spec,
-                                c.sensitivity_points), ("nll",), c.batch_size, setup.layout.root)
+    grid, windows = Grid.spread(setup.space.spec, c.sensitivity_points), table_windows(setup)
+
+    def measure(base: Architecture | None) -> SensitivityTable:
+        return measure_sensitivity(setup.model, importance, windows, grid, ("nll",), c.batch_size, setup.layout.root,
+                                   base)
+
+    dense = measure(None)
+    local = measure(knapsack(setup.space, dense)) if c.local_table else None
     if "sensitivity" not in study.user_attrs:
+        tables = [t for t in (dense, local) if t is not None]
         study.set_user_attr("sensitivity", {
-            "measurements": table.measurements(),
-            "windows": table.windows,
-            "windows_evaluated": table.windows_evaluated(),
+            "tables": len(tables),
+            "measurements": sum(t.measurements() for t in tables),
+            "windows": dense.windows,
+            "windows_evaluated": sum(t.windows_evaluated() for t in tables),
             "seconds": round(time.perf_counter() - started, 1),
         })
-    return table
+    return dense, local
 
 
 def baselines(
@@ -332,8 +352,10 @@ def start(config: RunConfig) -> tuple[Setup, optuna.Study, Importance, Sensitivi
         if fresh:  # leave nothing half-written behind
             shutil.rmtree(layout.root, ignore_errors=True)
         raise
-    sensitivity = sensitivity_table(study, setup, importance) if config.sampler in TABLE_SAMPLERS else None
-    sampler = make_sampler(config, setup.space, importance, sensitivity, len(study.trials))
+    sensitivity = local = None
+    if config.sampler in TABLE_SAMPLERS:
+        sensitivity, local = sensitivity_tables(study, setup, importance)
+    sampler = make_sampler(config, setup.space, importance, sensitivity, len(study.trials), local)
     study = optuna.load_study(study_name=study.study_name, storage=storage, sampler=sampler)
     write_atomic(layout.config, config.to_json())
     return setup, study, importance, sensitivity

@@ -2,19 +2,23 @@
 
 With a sensitivity table (`pruning.sensitivity`, the default in `search.run`) the search starts
 where the rival ends. Its first trial is the sensitivity knapsack, so it never returns anything
-worse on the search windows. The predictor learns the residual of the table's additive estimate
-(`predictor.base`). Its candidates include knapsacks re-solved on transformed costs: tilted over
-depth and between attention and FFN (`_tilted`), and corrected per sublayer by the measured pairs
-(`_corrected_costs`), where the additive estimate goes wrong in the pruned context.
+worse on the search windows. With a second, local table measured around that knapsack (each
+sublayer moved while the others stay pruned), its second trial is the knapsack of the local
+table: the additive estimate re-linearised where the search works, which is where the dense
+table's goes wrong (errors are not additive far from the dense model). The predictor learns the
+residual of the dense table's additive estimate (`predictor.base`). Its candidates include
+knapsacks re-solved on transformed costs: tilted over depth and between attention and FFN
+(`_tilted`), corrected per sublayer by the measured pairs (`_corrected_costs`), and the local
+knapsack with perturbed costs (`_local_knapsacks`).
 
 Each `ask` (Optuna's relative sampling) does:
-    startup (fewer than `n_startup` finished trials): with a table, the knapsack and then tilted
-            knapsacks; without one, uniform, importance-threshold, then random allocations whose
-            attention/FFN splits are stratified over [0, 1], so the startup pairs span the main
-            trade-off whatever the seed
+    startup (fewer than `n_startup` finished trials): with a table, the knapsack, the local knapsack
+            (with a local table) and then tilted knapsacks; without one, uniform, importance-threshold,
+            then random allocations whose attention/FFN splits are stratified over [0, 1], so the
+            startup pairs span the main trade-off whatever the seed
     guided: fit the accuracy predictor on the finished trials -> generate a pool of candidates
             (mutations and swaps of the best, crossovers of good pairs, fresh random ones, and with a
-            table the tilted and corrected knapsacks) -> score each by the lower confidence bound
+            table the tilted, corrected and local knapsacks) -> score each by the lower confidence bound
             mean - exploration * spread  (the metric is minimised) -> propose the best one that no
             finished or running trial already holds. Without a table, every `explore_every`-th guided
             trial chooses among fresh random candidates only: the ensemble's spread is small far from
@@ -73,6 +77,7 @@ class PredictorSampler(BaseSampler):
         space: SearchSpace,
         importance: Importance,
         sensitivity: SensitivityTable | None = None,
+        local: SensitivityTable | None = None,
         n_startup: int = 8,
         pool_size: int = 1000,
         exploration: float = 1.0,
@@ -86,7 +91,10 @@ class PredictorSampler(BaseSampler):
         self.n_startup, self.pool_size, self.exploration = n_startup, pool_size, exploration
         self.n_members, self.explore_every, self.seed = n_members, explore_every, seed
         self.features = FeatureBuilder(importance, sensitivity)
+        if local is not None and sensitivity is None:
+            raise ValueError("a local sensitivity table refines the dense one: pass `sensitivity` too")
         self.costs = knapsack.level_costs(space, sensitivity) if sensitivity is not None else None
+        self.local_costs = knapsack.level_costs(space, local) if local is not None else None
         self._fallback = RandomSampler(seed=seed)
 
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
@@ -119,10 +127,11 @@ class PredictorSampler(BaseSampler):
 
     # ---- phases --------------------------------------------------------------------------------
     def _startup(self, n_measured: int, taken: set, rng: np.random.Generator) -> Architecture:
-        if self.costs is not None:  # the knapsack, then tilted knapsacks: the axes first, then the rest in seeded order
+        if self.costs is not None:  # the knapsack, the local one, tilted knapsacks: the axes, the rest in seeded order
             tilted = self._tilted
-            order = np.random.default_rng(self.seed).permutation(np.arange(4, len(tilted)))
-            return self._fresh([tilted[i] for i in (0, 1, 2, 3, 4, *order)], taken, rng)
+            order = np.random.default_rng(self.seed).permutation(np.arange(5, len(tilted)))
+            first = [tilted[0], *self._local_knapsacks[:1], *tilted[1:5]]
+            return self._fresh(first + [tilted[i] for i in order], taken, rng)
         fixed = [self.space.uniform(), self.space.threshold(self.importance)]
         for arch in fixed[n_measured:]:
             if self._key(arch) not in taken:
@@ -155,6 +164,15 @@ class PredictorSampler(BaseSampler):
         grid += [(d, t) for d in (-2, -1, 0, 1, 2) for t in (-1.5, -0.75, 0, 0.75, 1.5) if (d, t) not in grid]
         return [knapsack.solve(self.space, attn * np.exp(d * position + t / 2), ffn * np.exp(d * position - t / 2))
                 for d, t in grid]
+
+    @cached_property
+    def _local_knapsacks(self) -> list[Architecture]:
+        """The local table's knapsack and 3 perturbations of it (sigma 0.1, 0.2, 0.4); none without a local table."""
+        if self.local_costs is None:
+            return []
+        rng = np.random.default_rng([self.seed, 1])
+        return [knapsack.solve(self.space, *self.local_costs),
+                *(self._perturbed_knapsack(rng, sigma, self.local_costs) for sigma in (0.1, 0.2, 0.4))]
 
     def _corrected_costs(self, archs: list[Architecture], values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The table's costs with one factor per sublayer fitted to the measured pairs:
@@ -199,7 +217,7 @@ class PredictorSampler(BaseSampler):
         """Mutations of the top quarter (40%; with a table half of them are swaps), crossovers among it
         (20%), fresh random candidates (40%, so the predictor can send the search to regions no measured
         trial is near) and, with a table, the tilted knapsacks, the knapsack re-solved on costs corrected by the
-        measured pairs and 3 perturbations of it (HiGHS takes ~0.3 s for each solve)."""
+        measured pairs and 3 perturbations of it, and the local knapsacks (HiGHS takes ~0.3 s for each solve)."""
         elite = [archs[i] for i in np.argsort(values)[: max(2, len(archs) // 4)]]
         n = self.pool_size
         pool = []
@@ -215,6 +233,7 @@ class PredictorSampler(BaseSampler):
             corrected = self._corrected_costs(list(archs), values)
             pool += [knapsack.solve(self.space, *corrected), *self._tilted]
             pool += [self._perturbed_knapsack(rng, sigma, corrected) for sigma in (0.1, 0.2, 0.4)]
+            pool += self._local_knapsacks
         unique = {self._key(a): a for a in pool}
         return list(unique.values())
 
@@ -247,11 +266,13 @@ class PredictorSampler(BaseSampler):
 
 class AdditiveSampler(PredictorSampler):
     """The knapsack alone, as a search: the same startup and pool, ranked by the sensitivity table's
-    additive estimate instead of a learned predictor (the rival's best guesses, in order)."""
+    additive estimate (the local table's when given) instead of a learned predictor (the rival's best
+    guesses, in order)."""
 
-    def __init__(self, space: SearchSpace, importance: Importance, sensitivity: SensitivityTable, **kwargs):
-        super().__init__(space, importance, sensitivity, exploration=0.0, **kwargs)
-        self.sensitivity = sensitivity
+    def __init__(self, space: SearchSpace, importance: Importance, sensitivity: SensitivityTable,
+                 local: SensitivityTable | None = None, **kwargs):
+        super().__init__(space, importance, sensitivity, local, exploration=0.0, **kwargs)
+        self.sensitivity = local or sensitivity  # the local table estimates best near the knapsack
 
     def predict(self, archs, values, pool):
         return self.sensitivity.additive(pool), np.zeros(len(pool))

@@ -104,7 +104,9 @@ def test_trials_record_what_was_measured_and_predicted(finished_run):
     assert all(t.user_attrs["wall_time_s"] > 0 and 0 < t.user_attrs["param_ratio"] < 1 for t in trials)
     assert set(study.user_attrs["baselines"]) == {"base", "uniform", "threshold", "knapsack"}
     table = study.user_attrs["sensitivity"]
-    assert table["windows"] == 4 and table["windows_evaluated"] == (table["measurements"] + 1) * 4
+    # two tables: around the dense model and around its knapsack, each with its base's own pass
+    assert table["windows"] == 4 and table["tables"] == 2
+    assert table["windows_evaluated"] == (table["measurements"] + 2) * 4
 
 
 def test_the_search_starts_from_the_knapsack_and_reports_on_held_out_windows(finished_run):
@@ -112,15 +114,18 @@ def test_the_search_starts_from_the_knapsack_and_reports_on_held_out_windows(fin
     from pruning.masking import masked
     from pruning.metrics import perplexity
     from search.knapsack import knapsack
-    from search.run import sensitivity_table
+    from search.run import sensitivity_tables
     from search.setup import prepare
 
     study = load(finished_run)
     config = run.RunConfig(**json.loads((finished_run / "run.json").read_text()))
     setup = prepare(config)
     importance = load_or_compute(setup.model, setup.calibration, config.importance, finished_run)
-    rival = knapsack(setup.space, sensitivity_table(study, setup, importance))  # read back from the cache
+    dense, local = sensitivity_tables(study, setup, importance)  # read back from the cache
+    rival = knapsack(setup.space, dense)
+    assert local.base == rival  # the second table is measured around the rival
     assert study.trials[0].user_attrs[ARCH_ATTR] == rival.to_json()
+    assert study.trials[1].user_attrs[ARCH_ATTR] == knapsack(setup.space, local).to_json()
     assert min(t.value for t in study.get_trials(states=(TrialState.COMPLETE,))) <= study.trials[0].value
     summary = json.loads((finished_run / "summary.json").read_text())
     assert summary["held_out_windows"] == len(setup.held_out) == len(setup.final_windows) - 4

@@ -43,18 +43,25 @@ def true_value(arch: Architecture) -> float:
     return 10 * math.exp((WEIGHTS * d**2).sum() + coupling)
 
 
-def exact_table() -> SensitivityTable:
-    """Single-sublayer rises of log(value), every level measured (as `measure_sensitivity` would)."""
+def exact_table(base: Architecture | None = None) -> SensitivityTable:
+    """Single-sublayer rises of log(value) around `base` (default: full), every grid level measured (as
+    `measure_sensitivity` would)."""
     grid = Grid.spread(SPEC, points=8)
-    full = Architecture.full(SPEC)
-    base = math.log(true_value(full))
+    around = base or Architecture.full(SPEC)
+    before = math.log(true_value(around))
 
     def rise(i, shape):
-        return [math.log(true_value(Architecture(SPEC, full.layers[:i] + (shape,) + full.layers[i + 1:]))) - base]
+        return [math.log(true_value(Architecture(SPEC, around.layers[:i] + (shape,) + around.layers[i + 1:]))) - before]
 
-    attn = [[rise(i, LayerShape(kv, h, 32)) for kv, h in grid.attention[:-1]] for i in range(3)]
-    ffn = [[rise(i, LayerShape(2, 2, c)) for c in grid.ffn[:-1]] for i in range(3)]
-    return SensitivityTable(SPEC, grid, {"nll": np.array(attn)}, {"nll": np.array(ffn)})
+    attn = [[rise(i, replace(x, kv_heads=kv, heads_per_group=h)) for kv, h in grid.attention]
+            for i, x in enumerate(around.layers)]
+    ffn = [[rise(i, replace(x, ffn_channels=c)) for c in grid.ffn] for i, x in enumerate(around.layers)]
+    return SensitivityTable(SPEC, grid, {"nll": np.array(attn)}, {"nll": np.array(ffn)}, base=base)
+
+
+def local_table() -> SensitivityTable:
+    """The exact table around the dense table's knapsack, as `search.run` measures its second table."""
+    return exact_table(knapsack(SPACE, exact_table()))
 
 
 def importance() -> Importance:
@@ -85,6 +92,8 @@ class ExactPredictorSampler(PredictorSampler):
 FACTORIES = {
     "predictor": lambda seed: PredictorSampler(SPACE, importance(), exact_table(), n_startup=5, pool_size=200,
                                                n_members=2, seed=seed),
+    "predictor-local": lambda seed: PredictorSampler(SPACE, importance(), exact_table(), local_table(), n_startup=5,
+                                                     pool_size=200, n_members=2, seed=seed),
     "predictor-no-table": lambda seed: PredictorSampler(SPACE, importance(), n_startup=5, pool_size=200,
                                                         n_members=2, seed=seed),
     "knapsack": lambda seed: AdditiveSampler(SPACE, importance(), exact_table(), n_startup=5, pool_size=200,
@@ -92,7 +101,7 @@ FACTORIES = {
     "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed, n_startup_trials=5, multivariate=True),
     "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
 }
-OURS = ("predictor", "predictor-no-table", "knapsack")
+OURS = ("predictor", "predictor-local", "predictor-no-table", "knapsack")
 
 
 def run_study(sampler, n_trials: int, fail_every: int = 0) -> optuna.Study:
@@ -137,11 +146,29 @@ def test_a_seed_gives_the_same_proposals(name):
     assert [t.params for t in first.trials] == [t.params for t in second.trials]
 
 
-@pytest.mark.parametrize("name", ("predictor", "knapsack"))
+@pytest.mark.parametrize("name", ("predictor", "predictor-local", "knapsack"))
 def test_the_table_samplers_measure_the_knapsack_first(name):
     study = run_study(FACTORIES[name](0), 6)
     assert study.trials[0].user_attrs[ARCH_ATTR] == knapsack(SPACE, exact_table()).to_json()
     assert study.best_value <= study.trials[0].value
+
+
+def test_with_a_local_table_the_second_trial_is_its_knapsack_and_it_improves_on_the_first():
+    study = run_study(FACTORIES["predictor-local"](0), 2)
+    local = knapsack(SPACE, local_table())
+    assert study.trials[1].user_attrs[ARCH_ATTR] == local.to_json()
+    # re-linearised around the knapsack, the additive estimate sees the coupling the dense table misses
+    assert study.trials[1].value < study.trials[0].value
+
+
+def test_a_table_around_a_base_reads_zero_at_the_base_and_exact_single_moves_elsewhere():
+    base = knapsack(SPACE, exact_table())
+    table = exact_table(base)
+    assert table.additive([base])[0] == 0.0
+    i, here = 1, base.layers[1]
+    grown = replace(here, ffn_channels=SPEC.intermediate_size)
+    moved = Architecture(SPEC, base.layers[:i] + (grown,) + base.layers[i + 1:])
+    assert table.additive([moved])[0] == pytest.approx(math.log(true_value(moved) / true_value(base)))
 
 
 def test_with_the_exact_objective_as_predictor_the_sampler_finds_the_optimum():
