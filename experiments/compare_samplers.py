@@ -23,7 +23,7 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-from experiments.compare import run_config
+from experiments.compare import run_config, share_tables
 from search import run
 from search.config import TABLE_SAMPLERS
 from search.report import write_atomic
@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = out / f"{sampler}-seed{seed}"
             argv = [*extra, "--budget", args.budget, "--sampler", sampler, "--seed", str(seed), "--no-export",
                     "--out", str(run_dir)]
+            share_tables(out, run_dir)  # the tables are the same for every seed; each run still counts their cost
             start = table_cost(argv)
             trials = (args.windows - start) // per_trial
             code = run.main([*argv, "--trials", str(trials)])

@@ -15,8 +15,7 @@ already cut, and how much one gains when it is given back (a negative cost).
 Sizes are measured on a grid (`Grid`: every attention level when a layer has at most `points`
 of them, else `points` spread evenly in kept parameters; FFN widths k/points of the full
 width) and linearly interpolated in kept parameters in between, then made monotone: keeping
-fewer units never costs less than keeping more, and the base's own size costs nothing (so sizes
-above it cost at most 0, below it at least 0).
+fewer units never costs less than keeping more; the base's own size reads 0 before that.
 The additive estimate of an architecture, sum_s cost[s, size_s], is the "level database" of
 OWL-style allocation, ZipLM and EvoPress/DarwinLM; `search.knapsack` minimises it under a budget.
 
@@ -137,7 +136,6 @@ class SensitivityTable:
         if own not in x:  # the base's size between grid points costs nothing by definition
             at = int(np.searchsorted(x, own))
             x, cost = np.insert(x, at, own), np.insert(cost, at, 0.0)
-        cost = np.where(x > own, np.minimum(cost, 0.0), np.maximum(cost, 0.0))
         return x, np.maximum.accumulate(cost[::-1])[::-1]
 
     @cached_property

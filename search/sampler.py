@@ -6,7 +6,7 @@ worse on the search windows. With a second, local table measured around that kna
 sublayer moved while the others stay pruned), its second trial is the knapsack of the local
 table: the additive estimate re-linearised where the search works, which is where the dense
 table's goes wrong (errors are not additive far from the dense model). The predictor learns the
-residual of the dense table's additive estimate (`predictor.base`). Its candidates include
+residual of the additive estimate (`predictor.base`), the local table's when there is one. Its candidates include
 knapsacks re-solved on transformed costs: tilted over depth and between attention and FFN
 (`_tilted`), corrected per sublayer by the measured pairs (`_corrected_costs`), and the local
 knapsack with perturbed costs (`_local_knapsacks`).
@@ -90,7 +90,7 @@ class PredictorSampler(BaseSampler):
         self.space, self.importance = space, importance
         self.n_startup, self.pool_size, self.exploration = n_startup, pool_size, exploration
         self.n_members, self.explore_every, self.seed = n_members, explore_every, seed
-        self.features = FeatureBuilder(importance, sensitivity)
+        self.features = FeatureBuilder(importance, local or sensitivity)  # the estimate nearest the candidates
         if local is not None and sensitivity is None:
             raise ValueError("a local sensitivity table refines the dense one: pass `sensitivity` too")
         self.costs = knapsack.level_costs(space, sensitivity) if sensitivity is not None else None
