@@ -189,7 +189,9 @@ def test_model_card_lists_budget_params_shapes_metrics_and_command(round_trip):
     assert "- Budget: 50%" in text
     assert f"- Parameters: {arch.params():,} (" in text
     assert "`prunesearch export --budget 50%`" in text
-    assert "| perplexity | 80.25 | 61.5 |" in text
+    assert "| model | perplexity |" in text
+    assert "| this model, sliced (before recovery) | 80.25 |" in text
+    assert "| this model, after recovery | 61.5 |" in text
     assert "| 1 | 0/2 | 0/6 | 0 | 40/40 | dropped | kept |" in text
     assert "trust_remote_code=True" in text
     assert 'llama-cli -m model.gguf -p "def main():" -n 64' in text
