@@ -40,6 +40,8 @@ from pruning.architecture import Architecture
 from pruning.importance import Importance, load_or_compute
 from pruning.slicing import slice_model
 from search.config import EXPORT_FORMATS, RunConfig, RunLayout
+from search.objectives import task_max_len
+from search.objectives.task import HELD_OUT_SHARE
 from search.sampler import trial_architecture
 from search.setup import USER_ERRORS, Setup, prepare
 
@@ -121,13 +123,13 @@ def add_format_arguments(p: argparse.ArgumentParser, d: RunConfig) -> None:
                    help="GGUF weight type; q8_0 needs every FFN width a multiple of 32 (default: %(default)s)")
 
 
-def _tasks(config: RunConfig, tokenizer):
+def _tasks(config: RunConfig, tokenizer, model):
     """(training examples encoded, held-out examples encoded) or ((), ())."""
     if not config.task:
         return (), ()
     examples = read_task_jsonl(config.task, TaskFormat(config.task_template, answer_prefix=config.task_answer_prefix))
-    train, held = split_examples(examples, held_out=0.2, seed=config.seed)
-    encode = dict(max_len=config.seq_len, shots=config.shots, seed=config.seed)
+    train, held = split_examples(examples, held_out=HELD_OUT_SHARE, seed=config.seed)
+    encode = dict(max_len=task_max_len(config, model), shots=config.shots, seed=config.seed)
     return encode_tasks(tokenizer, train, **encode), encode_tasks(tokenizer, held, pool=train, **encode)
 
 
@@ -161,7 +163,7 @@ def recover_and_export(setup: Setup, importance: Importance, arch: Architecture,
     if config.export_format == "gguf":
         check_export(arch, model.config, tokenizer, config.gguf_type)
     domains = text_domains(config, tokenizer)
-    train_tasks, held_tasks = _tasks(config, tokenizer)
+    train_tasks, held_tasks = _tasks(config, tokenizer, model)
     if train_tasks:
         domains.append(task_domain("task", train_tasks, pad_id(tokenizer)))
     evaluation = EvalData(setup.held_out, held_tasks)  # reported on; recovery selects on the search windows

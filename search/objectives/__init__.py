@@ -25,7 +25,7 @@ REGISTRY: dict[str, type[Objective]] = {"perplexity": Perplexity, "kl": KL, "tas
 SPLITS = ("search", "held_out")
 
 __all__ = ["KL", "LMEval", "Objective", "ObjectiveError", "Perplexity", "REGISTRY", "Score", "TaskAccuracy",
-           "Teacher", "build", "check", "kind", "objective_class"]
+           "Teacher", "build", "check", "kind", "objective_class", "task_max_len"]
 
 
 def kind(objective: str) -> str:
@@ -53,6 +53,12 @@ def check(config) -> Suite | None:
     return None
 
 
+def task_max_len(config, model) -> int:
+    """Tokens a task example (shots, prompt and option) may take: the model's positions, at least --seq-len
+    (task examples are not the evaluation windows; shots are dropped, earliest first, to fit)."""
+    return max(config.seq_len, getattr(model.config, "max_position_embeddings", None) or 0)
+
+
 def build(config, setup, split: str, suite: Suite | None = None) -> Objective:
     """The objective of `config` bound to `split` of `setup`'s data; call before masking (KL reads the dense model)."""
     if split not in SPLITS:
@@ -67,6 +73,7 @@ def build(config, setup, split: str, suite: Suite | None = None) -> Objective:
         train, held = read_task(config.task, config.task_template, config.task_answer_prefix, config.seed, True)
         search, pool = search_split(train, config.task_search_examples)
         examples, pool = (search, pool) if split == "search" else (held, train)
-        return TaskAccuracy.encode(setup.tokenizer, examples, pool, config.seq_len, config.shots, config.seed, batch)
+        return TaskAccuracy.encode(setup.tokenizer, examples, pool, task_max_len(config, setup.model), config.shots,
+                                   config.seed, batch)
     suite = suite or Suite.load(config.objective, config.eval_include)
     return LMEval.build(suite, setup.model, setup.tokenizer, batch, config.eval_limit, split)

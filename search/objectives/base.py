@@ -56,14 +56,15 @@ class Objective(abc.ABC):
     @abc.abstractmethod
     def __call__(self, model: torch.nn.Module) -> Score: ...
 
-    def target_direction(self, target: str) -> str:
+    @classmethod
+    def target_direction(cls, target: str) -> str:
         """Direction of what the predictor learns: the value ("value") or a companion."""
         if target == "value":
-            return self.direction
-        if target not in self.companions:
-            raise ObjectiveError(f"objective {self.name!r} records no {target!r}; "
-                                 f"give --predictor-target value{''.join(', ' + c for c in self.companions)}")
-        return self.companions[target]
+            return cls.direction
+        if target not in cls.companions:
+            raise ObjectiveError(f"objective {cls.__name__} records no {target!r}; "
+                                 f"give --predictor-target value{''.join(', ' + c for c in cls.companions)}")
+        return cls.companions[target]
 
     @property
     def label(self) -> str:
