@@ -51,7 +51,7 @@ STAGES = {
     "load": (adapter, "load_model", "load"),
     "importance": (importance, "compute_importance", "importance (wanda, fluctuation)"),
     "baselines": (run, "baselines", "candidate evaluation"),
-    "trials": (objective.Objective, "measure", "candidate evaluation"),
+    "trials": (objective.TrialObjective, "measure", "candidate evaluation"),
     "summary": (run, "finish", "candidate evaluation"),
     "teacher targets": (export, "dense_teacher", "teacher targets"),
     "slicing": (export, "slice_model", "slicing"),

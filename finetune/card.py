@@ -18,18 +18,33 @@ class ModelCard:
 
     budget: str
     command: str
-    metrics_before: Mapping[str, float] = field(default_factory=dict)
-    metrics_after: Mapping[str, float] = field(default_factory=dict)
+    metrics_before: Mapping[str, float] = field(default_factory=dict)  # the sliced model
+    metrics_after: Mapping[str, float] = field(default_factory=dict)  # after recovery
+    metrics_dense: Mapping[str, float] = field(default_factory=dict)  # the base model, same data
+    comparisons: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # other prunings, same budget
 
     def __post_init__(self) -> None:
         for name in ("budget", "command"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
                 raise CardError(f"model card {name} must be a non-empty string (e.g. budget='50%')")
-        for name in ("metrics_before", "metrics_after"):
-            metrics = dict(getattr(self, name))
-            if any(not isinstance(v, (int, float)) or isinstance(v, bool) for v in metrics.values()):
-                raise CardError(f"model card {name} must map metric names to numbers, got {metrics}")
-            object.__setattr__(self, name, metrics)
+        for name in ("metrics_before", "metrics_after", "metrics_dense"):
+            object.__setattr__(self, name, _numbers(getattr(self, name), f"model card {name}"))
+        object.__setattr__(self, "comparisons", {row: _numbers(m, f"model card comparison {row!r}")
+                                                 for row, m in dict(self.comparisons).items()})
+
+    def rows(self) -> list[tuple[str, dict[str, float]]]:
+        """(model, metrics) of every model measured, in the order the card lists them."""
+        rows = [("base model (dense)", self.metrics_dense), *self.comparisons.items(),
+                ("this model, sliced (before recovery)", self.metrics_before),
+                ("this model, after recovery", self.metrics_after)]
+        return [(name, m) for name, m in rows if m]
+
+
+def _numbers(metrics: Mapping[str, float], what: str) -> dict[str, float]:
+    metrics = dict(metrics)
+    if any(not isinstance(v, (int, float)) or isinstance(v, bool) for v in metrics.values()):
+        raise CardError(f"{what} must map metric names to numbers, got {metrics}")
+    return metrics
 
 
 def _shape_table(arch: Architecture) -> list[str]:
@@ -47,13 +62,15 @@ def _shape_table(arch: Architecture) -> list[str]:
 
 
 def _metrics_table(card: ModelCard) -> list[str]:
-    names = list(dict.fromkeys([*card.metrics_before, *card.metrics_after]))
+    """One row per model measured (dense, other prunings, this one before and after recovery), one column per
+    metric; on held-out data no search or recovery choice was made on."""
+    models = card.rows()
+    names = list(dict.fromkeys(name for _, m in models for name in m))
     if not names:
         return ["No metrics were recorded."]
-    rows = ["| metric | before recovery | after recovery |", "|---|---:|---:|"]
-    for name in names:
-        cells = [f"{m[name]:.4g}" if name in m else "–" for m in (card.metrics_before, card.metrics_after)]
-        rows.append(f"| {name} | {cells[0]} | {cells[1]} |")
+    rows = [f"| model | {' | '.join(names)} |", "|---|" + "---:|" * len(names)]
+    for model, m in models:
+        rows.append(f"| {model} | " + " | ".join(f"{m[n]:.4g}" if n in m else "–" for n in names) + " |")
     return rows
 
 

@@ -77,6 +77,7 @@ class TaskExample:
     prompt: str
     answer: str
     options: tuple[str, ...] = ()
+    prefix: str = ""  # the answer prefix every continuation starts with (not counted in acc_norm's lengths)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "options", tuple(self.options))
@@ -111,7 +112,7 @@ class TaskFormat:
                 raise TaskDataError(f"{where}: answer index {answer} but {len(options)} options")
             answer = options[answer]
         p = self.answer_prefix
-        return TaskExample(prompt, p + str(answer), tuple(p + x for x in options))
+        return TaskExample(prompt, p + str(answer), tuple(p + x for x in options), p)
 
 
 def read_task_jsonl(path: str | Path, fmt: TaskFormat) -> tuple[TaskExample, ...]:
@@ -164,6 +165,7 @@ class EncodedTask:
     context: tuple[int, ...]
     continuations: tuple[tuple[int, ...], ...]  # (answer, *options) or (answer,)
     label: int  # index into continuations[1:] of the right option; -1 without options
+    option_chars: tuple[int, ...] = ()  # characters of each option without the prefix (lm-eval's acc_norm length)
 
 
 def encode_tasks(tokenizer, examples: tuple[TaskExample, ...], max_len: int, shots: int = 0, seed: int = 0,
@@ -187,7 +189,8 @@ def encode_tasks(tokenizer, examples: tuple[TaskExample, ...], max_len: int, sho
         if len(context) > room or not context:
             raise TaskDataError(f"example {i}: the prompt ({len(context)} tokens) and answer do not fit in "
                                 f"{max_len} tokens even without shots; raise the sequence length")
-        encoded.append(EncodedTask(tuple(context), tuple(conts), ex.answer_index if ex.options else -1))
+        chars = tuple(len(o) - len(ex.prefix) for o in ex.options)
+        encoded.append(EncodedTask(tuple(context), tuple(conts), ex.answer_index if ex.options else -1, chars))
     return tuple(encoded)
 
 

@@ -1,17 +1,24 @@
 """Held-out evaluation before and after recovery: perplexity, and task accuracy by option log-likelihood.
 
-Accuracy follows the lm-evaluation-harness "acc" rule: an example is right when
+Accuracy follows the lm-evaluation-harness rules: an example is right ("acc") when
 its answer is the option with the largest summed log-probability
 
     score(o) = Σ_{t ∈ o} log p(o_t | context, o_<t)
 
-given the same few-shot context.
+given the same few-shot context; "acc_norm" takes the largest score(o) / len(o), len
+in characters without the answer prefix (lm-eval's completion length). Accuracy on a few
+dozen examples moves in steps, so `task_scores` also gives a smooth companion, the margin
+
+    margin = mean over examples of  score(answer) - max_{o != answer} score(o)
+
+which is positive exactly where "acc" counts the example right.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from transformers import PreTrainedModel
 
@@ -57,16 +64,46 @@ def evaluate(model: PreTrainedModel, data: EvalData, batch_size: int = 8) -> Eva
     return Evaluation(ppl, accuracy)
 
 
+@dataclass(frozen=True)
+class TaskScores:
+    """lm-eval's acc and acc_norm over the examples, and the mean log-likelihood margin of the answer."""
+
+    acc: float
+    acc_norm: float
+    margin: float
+
+
 def option_accuracy(model: PreTrainedModel, tasks: tuple[EncodedTask, ...], batch_size: int = 8) -> float:
     """Fraction of `tasks` whose highest-scoring option is the answer."""
+    return task_scores(model, tasks, batch_size).acc
+
+
+def task_scores(model: PreTrainedModel, tasks: tuple[EncodedTask, ...], batch_size: int = 8) -> TaskScores:
+    """acc, acc_norm and margin (module docstring) of `tasks`, each needing options and a label."""
+    if not tasks or any(t.label < 0 or len(t.continuations) < 3 for t in tasks):
+        raise ValueError("task scores need examples with at least two options and the answer among them")
+    acc, acc_norm, margin = [], [], []
+    for t, ll in zip(tasks, option_loglikelihoods(model, tasks, batch_size), strict=True):
+        others = np.delete(ll, t.label)
+        acc.append(ll.argmax() == t.label)
+        chars = np.array(t.option_chars or [1] * len(ll), dtype=float)
+        acc_norm.append((ll / np.maximum(chars, 1)).argmax() == t.label)
+        margin.append(ll[t.label] - others.max())
+    return TaskScores(float(np.mean(acc)), float(np.mean(acc_norm)), float(np.mean(margin)))
+
+
+def option_loglikelihoods(model: PreTrainedModel, tasks: tuple[EncodedTask, ...],
+                          batch_size: int = 8) -> list[np.ndarray]:
+    """Per example, (n_options,) float64 summed log-probabilities score(o) of its options."""
     pairs = [(t.context, opt) for t in tasks for opt in t.continuations[1:]]
     scores = torch.cat([_scores(model, pairs[i : i + batch_size]) for i in range(0, len(pairs), batch_size)])
-    right, start = 0, 0
+    scores = scores.double().numpy()
+    out, start = [], 0
     for t in tasks:
         n = len(t.continuations) - 1
-        right += int(scores[start : start + n].argmax().item() == t.label)
+        out.append(scores[start : start + n])
         start += n
-    return right / len(tasks)
+    return out
 
 
 @torch.inference_mode()

@@ -13,7 +13,8 @@ from pruning import reference
 
 SAMPLERS = ("predictor", "knapsack", "tpe", "gp", "cmaes", "random")
 TABLE_SAMPLERS = ("predictor", "knapsack")  # samplers that start from the sensitivity table
-OBJECTIVES = ("perplexity",)
+OBJECTIVES = ("perplexity", "kl", "task")  # and "lm-eval:TASK[,TASK]" (search.objectives)
+PREDICTOR_TARGETS = ("value", "margin")  # what the predictor learns: the objective's value, or the task margin
 IMPORTANCE_METHODS = ("wanda", "fluctuation", "taylor")
 EXPORT_FORMATS = ("hf", "gguf")
 
@@ -57,7 +58,12 @@ class RunConfig:
     domains: tuple[str, ...] = ()  # extra training text, "NAME=PATH"
     task: str | None = None
     task_template: str = "{prompt}"
+    task_answer_prefix: str = " "  # put before every answer and option (" Paris")
     shots: int = 0
+    task_search_examples: int = 64  # training examples of --task each trial is measured on (--objective task)
+    predictor_target: str = "value"
+    eval_limit: int = 50  # lm-eval documents per task each trial is measured on (--objective lm-eval:...)
+    eval_include: str | None = None  # directory of lm-eval task YAMLs (offline tasks)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "domains", tuple(self.domains))
@@ -66,7 +72,17 @@ class RunConfig:
             object.__setattr__(self, "ffn_step", max(8, block))
         checks = [
             (self.sampler in SAMPLERS, f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}"),
-            (self.objective in OBJECTIVES, f"unknown objective {self.objective!r}; choose {', '.join(OBJECTIVES)}"),
+            (self.objective in OBJECTIVES or self.objective.startswith("lm-eval:"),
+             f"unknown objective {self.objective!r}; choose {', '.join(OBJECTIVES)} or lm-eval:TASK[,TASK]"),
+            (self.objective != "task" or bool(self.task),
+             "--objective task needs --task FILE.jsonl (multiple choice: each row with an \"options\" list and the "
+             "answer or its index); give it, or choose --objective perplexity or kl"),
+            (self.predictor_target in PREDICTOR_TARGETS,
+             f"unknown --predictor-target {self.predictor_target!r}; choose one of {', '.join(PREDICTOR_TARGETS)}"),
+            (self.predictor_target == "value" or self.objective == "task",
+             "--predictor-target margin is the task objective's companion; give --objective task or drop it"),
+            (self.task_search_examples >= 1 and self.eval_limit >= 1,
+             "--task-search-examples and --eval-limit must be at least 1"),
             (
                 self.importance in IMPORTANCE_METHODS,
                 f"unknown importance {self.importance!r}; choose one of {', '.join(IMPORTANCE_METHODS)}",

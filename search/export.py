@@ -15,7 +15,8 @@ import argparse
 import json
 import shlex
 import sys
-from dataclasses import replace
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import optuna
@@ -39,10 +40,53 @@ from pruning.architecture import Architecture
 from pruning.importance import Importance, load_or_compute
 from pruning.slicing import slice_model
 from search.config import EXPORT_FORMATS, RunConfig, RunLayout
+from search.objectives import task_max_len
+from search.objectives.task import HELD_OUT_SHARE
 from search.sampler import trial_architecture
 from search.setup import USER_ERRORS, Setup, prepare
 
 TEACHER_TOP_K = 32
+
+
+@dataclass(frozen=True)
+class RecoveryRecord:
+    """What slicing, recovery and export did, measured on the held-out data (windows and task examples).
+
+    Each metrics dict holds perplexity, task_accuracy with --task, and the run's objective with its companions
+    (`search.objectives.Score.flat`: {"kl": ...}, {"task": ..., "task/margin": ...}).
+    """
+
+    dense: Mapping[str, float]
+    pruned: Mapping[str, float]  # sliced, before recovery
+    export: str
+    recovered: Mapping[str, float] | None = None  # None with --recover-steps 0
+    recovery: Mapping | None = None  # the RecoveryConfig used
+    recovery_seconds: float | None = None
+    selected_step: int | None = None  # the step kept, best on the search windows (0: the untuned slice)
+    validation: tuple[tuple[int, float], ...] = ()  # (step, search-window perplexity) at every check
+    notes: tuple[str, ...] = ()  # where the exported model is not simply better than the sliced one
+    comparisons: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # uniform, knapsack, searched...
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "validation", tuple((int(step), float(ppl)) for step, ppl in self.validation))
+        object.__setattr__(self, "notes", tuple(self.notes))
+
+    @property
+    def final(self) -> Mapping[str, float]:
+        """Metrics of the exported model."""
+        return self.recovered if self.recovered is not None else self.pruned
+
+    @property
+    def steps(self) -> int:
+        return self.recovery["steps"] if self.recovery else 0
+
+    def to_dict(self) -> dict:
+        """Plain JSON types (lists for tuples), as stored on the study and in summary.json."""
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> RecoveryRecord:
+        return cls(**data)
 
 
 class RunDirectoryError(ValueError):
@@ -65,6 +109,8 @@ def add_recovery_arguments(p: argparse.ArgumentParser, d: RunConfig) -> argparse
                    help="extra training text; several domains are mixed by dynamic batch loading (repeatable)")
     g.add_argument("--task", default=d.task, help="JSONL of task examples to tune and score on (20%% held out)")
     g.add_argument("--task-template", default=d.task_template, help="str.format prompt over the JSONL fields")
+    g.add_argument("--task-answer-prefix", default=d.task_answer_prefix,
+                   help="text before every answer and option, e.g. a space or a newline (default: %(default)r)")
     g.add_argument("--shots", type=int, default=d.shots, help="few-shot examples before each task prompt")
     return g
 
@@ -77,13 +123,13 @@ def add_format_arguments(p: argparse.ArgumentParser, d: RunConfig) -> None:
                    help="GGUF weight type; q8_0 needs every FFN width a multiple of 32 (default: %(default)s)")
 
 
-def _tasks(config: RunConfig, tokenizer):
+def _tasks(config: RunConfig, tokenizer, model):
     """(training examples encoded, held-out examples encoded) or ((), ())."""
     if not config.task:
         return (), ()
-    examples = read_task_jsonl(config.task, TaskFormat(config.task_template))
-    train, held = split_examples(examples, held_out=0.2, seed=config.seed)
-    encode = dict(max_len=config.seq_len, shots=config.shots, seed=config.seed)
+    examples = read_task_jsonl(config.task, TaskFormat(config.task_template, answer_prefix=config.task_answer_prefix))
+    train, held = split_examples(examples, held_out=HELD_OUT_SHARE, seed=config.seed)
+    encode = dict(max_len=task_max_len(config, model), shots=config.shots, seed=config.seed)
     return encode_tasks(tokenizer, train, **encode), encode_tasks(tokenizer, held, pool=train, **encode)
 
 
@@ -109,41 +155,46 @@ def dense_teacher(model, config: RunConfig, domains: list):
 
 
 def recover_and_export(setup: Setup, importance: Importance, arch: Architecture, out: Path, command: str,
-                       force: bool) -> dict:
-    """Slice the run's model (in place) to `arch`, LoRA-tune it, write the export; return the metrics record."""
+                       force: bool, comparisons: Mapping[str, Mapping[str, float]] | None = None) -> RecoveryRecord:
+    """Slice the run's model (in place) to `arch`, LoRA-tune it, write the export; return what was measured.
+
+    `comparisons`: other models' held-out metrics for the model card (uniform, knapsack, searched...)."""
     model, tokenizer, config = setup.model, setup.tokenizer, setup.config
     if config.export_format == "gguf":
         check_export(arch, model.config, tokenizer, config.gguf_type)
     domains = text_domains(config, tokenizer)
-    train_tasks, held_tasks = _tasks(config, tokenizer)
+    train_tasks, held_tasks = _tasks(config, tokenizer, model)
     if train_tasks:
         domains.append(task_domain("task", train_tasks, pad_id(tokenizer)))
     evaluation = EvalData(setup.held_out, held_tasks)  # reported on; recovery selects on the search windows
-    dense = evaluate(model, evaluation, config.batch_size)
+    objective = setup.objective("held_out")  # built while the model is dense
+
+    def measure(m) -> dict[str, float]:
+        return {**evaluate(m, evaluation, config.batch_size).to_dict(), **objective(m).flat(objective.name)}
+
+    dense = measure(model)
     reference = dense_teacher(model, config, domains)
     slice_model(model, arch, importance)
-    record = {"dense": dense.to_dict()}
+    fields_ = {"dense": dense, "pruned": measure(model), "comparisons": dict(comparisons or {})}
     if config.recover_steps > 0:
         settings = recovery_settings(config)
         model, result = recover(model, domains, settings, evaluation, reference,
                                 validation=EvalData(setup.search_windows))
-        record.update(pruned=result.before.to_dict(), recovered=result.after.to_dict(),
-                      recovery_seconds=round(result.seconds, 1), recovery=settings.to_dict(),
-                      selected_step=result.selected_step, validation=[list(c) for c in result.validation])
-        record.update(recovery_notes(result.before, result.after, result.selected_step))
-    else:
-        record["pruned"] = evaluate(model, evaluation, config.batch_size).to_dict()
-    card = ModelCard(budget=config.budget, command=command, metrics_before=record["pruned"],
-                     metrics_after=record.get("recovered", {}))
+        fields_.update(recovered=measure(model), recovery=settings.to_dict(), recovery_seconds=round(result.seconds, 1),
+                       selected_step=result.selected_step, validation=result.validation,
+                       notes=recovery_notes(result.before, result.after, result.selected_step))
+    card = ModelCard(budget=config.budget, command=command, metrics_dense=fields_["dense"],
+                     metrics_before=fields_["pruned"], metrics_after=fields_.get("recovered") or {},
+                     comparisons=fields_["comparisons"])
     if config.export_format == "gguf":
-        record["export"] = str(export_gguf(model, arch, tokenizer, out, config.gguf_type, force=force))
+        export = str(export_gguf(model, arch, tokenizer, out, config.gguf_type, force=force))
     else:
-        record["export"] = str(export_model(model, arch, tokenizer, out, card, force=force))
-    return record
+        export = str(export_model(model, arch, tokenizer, out, card, force=force))
+    return RecoveryRecord(export=export, **fields_)
 
 
-def recovery_notes(before: Evaluation, after: Evaluation, selected_step: int) -> dict:
-    """{"notes": [...]} when the exported model is not simply better than the sliced one, else {}."""
+def recovery_notes(before: Evaluation, after: Evaluation, selected_step: int) -> tuple[str, ...]:
+    """Notes on where the exported model is not simply better than the sliced one."""
     notes = []
     if selected_step == 0:
         notes.append("no recovery step lowered the search windows' perplexity: the sliced model is exported untuned")
@@ -151,7 +202,7 @@ def recovery_notes(before: Evaluation, after: Evaluation, selected_step: int) ->
         notes.append(f"held-out perplexity is worse after recovery ({before.perplexity:.3f} sliced, "
                      f"{after.perplexity:.3f} exported): the held-out text differs from the training and search "
                      "text; try fewer --recover-steps, --distill 0, or --domain with text like the held-out one")
-    return {"notes": notes} if notes else {}
+    return tuple(notes)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
             raise RunDirectoryError(f"{layout.config} not found; --run must be a directory made by search.run")
         saved = json.loads(layout.config.read_text())
         overrides = {k: getattr(args, k) for k in ("recover_steps", "recover_windows", "lora_rank", "distill",
-                                                   "domains", "task", "task_template", "shots", "export_format",
+                                                   "domains", "task", "task_template", "task_answer_prefix", "shots",
+                                                   "export_format",
                                                    "gguf_type")}
         config = replace(RunConfig(**saved), out=str(layout.root), **overrides)
         arch = _architecture(layout, config, args.trial)
@@ -190,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     except (*USER_ERRORS, RunDirectoryError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps(record, indent=2))
+    print(json.dumps(record.to_dict(), indent=2))
     return 0
 
 

@@ -1,9 +1,10 @@
 """One trial: turn the sampled parameters into an architecture on the budget and measure it.
 
-The architecture (JSON), its parameter count, the wall time and any failure are
-written to the trial, so the study alone tells what was measured. A candidate that
-fails (out of memory, non-finite metric) is recorded as a failed trial and the
-search goes on; one that another trial already holds is pruned unmeasured.
+What the trial measures is the run's objective (`search.objectives`: perplexity, KL to the dense model,
+task accuracy, lm-eval tasks). The candidate is written to the trial before it is measured and the
+outcome after (`search.trials`), so the study alone tells what was measured. A candidate that fails
+(out of memory, non-finite metric) is recorded as a failed trial and the search goes on; one that
+another trial already holds is pruned unmeasured.
 """
 
 from __future__ import annotations
@@ -22,38 +23,44 @@ from transformers import PreTrainedModel
 from pruning.architecture import Architecture
 from pruning.importance import Importance
 from pruning.masking import masked
-from pruning.metrics import perplexity
-from search.sampler import ARCH_ATTR
+from search.objectives import Objective
 from search.space import SearchSpace
+from search.trials import ARCH_ATTR, to_loss, write_candidate, write_outcome
 
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
 
 @dataclass
-class Objective:
+class TrialObjective:
+    """Optuna's objective callable: propose (on the budget), mask, measure `metric`, record."""
+
     model: PreTrainedModel
     importance: Importance
     space: SearchSpace
-    windows: torch.Tensor  # (N, T) evaluation windows the metric is measured on
-    batch_size: int = 8
+    metric: Objective  # bound to the search split
+    target: str = "value"  # what the predictor learns: the value or a companion ("margin")
 
     def __call__(self, trial: optuna.Trial) -> float:
         return self.measure(trial, propose(trial, self.space))
 
     def measure(self, trial: optuna.Trial, arch: Architecture) -> float:
         start = time.perf_counter()
+        name = self.metric.name
         try:
             with masked(self.model, arch, self.importance):
-                value = perplexity(self.model, self.windows, self.batch_size)
+                score = self.metric(self.model)
         except torch.OutOfMemoryError:
-            trial.set_user_attr("error", "out of memory")
+            write_outcome(trial, name, time.perf_counter() - start, error="out of memory")
             _free_memory()
             return math.nan  # Optuna records a NaN objective as a failed trial
-        trial.set_user_attr("wall_time_s", round(time.perf_counter() - start, 3))
-        if not math.isfinite(value):
-            trial.set_user_attr("error", f"non-finite perplexity {value}")
+        elapsed = time.perf_counter() - start
+        learned = score.get(self.target)
+        if not (math.isfinite(score.value) and math.isfinite(learned)):
+            write_outcome(trial, name, elapsed, score.metrics, error=f"non-finite {name} {score.value}")
             return math.nan
-        return value
+        write_outcome(trial, name, elapsed, score.metrics, loss=to_loss(learned, self.metric.target_direction(
+            self.target)))
+        return score.value
 
 
 def propose(trial: optuna.Trial, space: SearchSpace) -> Architecture:
@@ -62,10 +69,7 @@ def propose(trial: optuna.Trial, space: SearchSpace) -> Architecture:
     arch = space.from_params(params)
     if not space.fits(arch):  # samplers other than ours propose off-budget points
         arch = space.project(*space.fractions(arch))
-    trial.set_user_attr(ARCH_ATTR, arch.to_json())
-    trial.set_user_attr("params", arch.params())
-    trial.set_user_attr("param_ratio", arch.params() / Architecture.full(arch.spec).params())
-    trial.set_user_attr("worker", WORKER)
+    write_candidate(trial, arch, WORKER)
     duplicate = _holder(trial, arch.to_json())
     if duplicate is not None:
         raise optuna.TrialPruned(f"architecture already held by trial {duplicate}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +13,8 @@ import plotly.graph_objects as go
 from scipy.stats import kendalltau
 
 from pruning.architecture import Architecture, format_count
-from search.sampler import completed, trial_architecture
+from search.export import RecoveryRecord
+from search.trials import completed, measurements, trial_architecture
 
 
 @dataclass(frozen=True)
@@ -38,14 +39,46 @@ class RunSummary:
     predictor_kendall_tau: float | None  # predictions made before measuring vs the measurements
     predictor_pairs: int
     wall_time_s: float
-    recovery: dict | None = None
+    recovery: RecoveryRecord | None = None
+    objective: str = "perplexity"  # what the trials measured
+    objective_direction: str = "minimize"
+    # held-out metrics of each model (base, uniform, threshold, knapsack, searched): perplexity and the objective
+    # with its companions (`Score.flat`); the recovered model's are in `recovery`
+    objective_values: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def dashboard_command(self) -> str:
         target = self.storage.removeprefix("journal:")
         return f"optuna-dashboard {target}"
 
     def to_json(self) -> str:
-        return json.dumps({**asdict(self), "dashboard": self.dashboard_command()}, indent=2)
+        recovery = self.recovery.to_dict() if self.recovery else None
+        return json.dumps({**asdict(self), "recovery": recovery, "dashboard": self.dashboard_command()}, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunSummary:
+        data = json.loads(text)
+        data.pop("dashboard", None)
+        if data.get("recovery") is not None:
+            data["recovery"] = RecoveryRecord.from_dict(data["recovery"])
+        return cls(**data)
+
+    def objective_rows(self) -> list[tuple[str, dict[str, float]]]:
+        """(model, held-out metrics) for every model the objective was measured on, recovered included."""
+        rows = list(self.objective_values.items())
+        if self.recovery is not None:
+            rows.append(("searched, sliced + LoRA (exported)", dict(self.recovery.final)))
+        return rows
+
+    def _objective_table(self) -> str:
+        rows = self.objective_rows()
+        if self.objective == "perplexity" or not rows:
+            return ""
+        names = list(dict.fromkeys(n for _, m in rows for n in m))
+        lines = [f"| model | {' | '.join(names)} |", "|---|" + "---:|" * len(names)]
+        lines += [f"| {model} | " + " | ".join(f"{m[n]:.4g}" if n in m else "–" for n in names) + " |"
+                  for model, m in rows]
+        return (f"Objective **{self.objective}** ({self.objective_direction}d) on held-out data no candidate was "
+                "chosen on:\n\n" + "\n".join(lines) + "\n\n")
 
     def to_markdown(self) -> str:
         def ratio(p: int) -> str:
@@ -64,17 +97,18 @@ class RunSummary:
         recovery = ""
         if self.recovery:
             r = self.recovery
-            tuned = r.get("recovered", r["pruned"])["perplexity"]
-            steps = r["recovery"]["steps"] if "recovery" in r else 0
-            selected = f" (step {r['selected_step']} kept, best on the search windows)" if "selected_step" in r else ""
+            tuned = r.final["perplexity"]
+            selected = (f" (step {r.selected_step} kept, best on the search windows)"
+                        if r.selected_step is not None else "")
             recovery = (
-                f"\n**Exported model**: `{r['export']}` — perplexity {tuned:.3f} after {steps} LoRA steps{selected} "
-                f"(sliced {r['pruned']['perplexity']:.3f}, dense {r['dense']['perplexity']:.3f}; "
-                f"dense ÷ exported perplexity {r['dense']['perplexity'] / tuned:.1%}).\n"
-                + "".join(f"\n**Warning**: {note}.\n" for note in r.get("notes", ()))
+                f"\n**Exported model**: `{r.export}` — perplexity {tuned:.3f} after {r.steps} LoRA steps{selected} "
+                f"(sliced {r.pruned['perplexity']:.3f}, dense {r.dense['perplexity']:.3f}; "
+                f"dense ÷ exported perplexity {r.dense['perplexity'] / tuned:.1%}).\n"
+                + "".join(f"\n**Warning**: {note}.\n" for note in r.notes)
             )
         return (
             f"## Pruning search: {self.model}\n\n"
+            + self._objective_table() +
             f"Budget {format_count(self.budget_params)} parameters; {self.trials_complete} candidates measured "
             f"({self.trials_failed} failed) in {self.wall_time_s / 60:.1f} min; "
             f"{self.windows_evaluated:,} evaluation windows measured, sensitivity table included.\n\n"
@@ -86,8 +120,9 @@ class RunSummary:
 
 
 def predictions(study: optuna.Study) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """(predicted, measured, trial numbers) of completed trials the predictor proposed."""
-    rows = [(t.system_attrs["predicted"], t.value, t.number) for t in completed(study) if "predicted" in t.system_attrs]
+    """(predicted loss, measured loss, trial numbers) of completed trials the predictor proposed (losses:
+    what the predictor learns, `search.trials.to_loss`)."""
+    rows = [(m.prediction, m.loss, m.number) for m in measurements(study) if m.prediction is not None]
     if not rows:
         return np.array([]), np.array([]), []
     predicted, measured_values, numbers = zip(*rows, strict=True)
@@ -101,16 +136,9 @@ def own_kendall(study: optuna.Study) -> tuple[float | None, int]:
     return float(kendalltau(predicted, measured_values).statistic), len(predicted)
 
 
-def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
-    done = completed(study)
-    if not done:
-        raise RuntimeError("no trial completed; see the failed trials' 'error' attribute in the study")
-    return min(done, key=lambda t: t.value)
-
-
 def publish(study: optuna.Study, summary: RunSummary) -> None:
     """Objective name, the Markdown summary as the study note, and three plots on the dashboard."""
-    study.set_metric_names(["perplexity"])
+    study.set_metric_names([summary.objective])
     optuna_dashboard.save_note(study, summary.to_markdown())
     best = trial_architecture(study.trials[summary.best_trial])
     for graph_id, figure in (
@@ -132,7 +160,7 @@ def _predicted_vs_measured(study: optuna.Study) -> go.Figure:
         lo, hi = float(min(predicted.min(), measured_values.min())), float(max(predicted.max(), measured_values.max()))
         fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="y = x"))
     fig.update_layout(
-        title="Predicted (before measuring) vs measured perplexity", xaxis_title="predicted", yaxis_title="measured"
+        title="Predicted (before measuring) vs measured loss", xaxis_title="predicted", yaxis_title="measured"
     )
     return fig
 
@@ -159,15 +187,16 @@ def _best_so_far(study: optuna.Study) -> go.Figure:
     done = completed(study)
     numbers = [t.number for t in done]
     values = np.array([t.value for t in done])
+    best = np.minimum if study.direction == optuna.study.StudyDirection.MINIMIZE else np.maximum
+    name = study.metric_names[0] if study.metric_names else "objective"
     fig = go.Figure(
         [
             go.Scatter(x=numbers, y=values, mode="markers", name="measured"),
-            go.Scatter(
-                x=numbers, y=np.minimum.accumulate(values) if len(values) else values, mode="lines", name="best so far"
-            ),
+            go.Scatter(x=numbers, y=best.accumulate(values) if len(values) else values, mode="lines",
+                       name="best so far"),
         ]
     )
-    fig.update_layout(title="Perplexity by trial", xaxis_title="trial", yaxis_title="perplexity")
+    fig.update_layout(title=f"{name} by trial", xaxis_title="trial", yaxis_title=name)
     return fig
 
 

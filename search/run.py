@@ -32,13 +32,14 @@ from pruning.importance import Importance, load_or_compute
 from pruning.masking import masked
 from pruning.metrics import perplexity
 from pruning.sensitivity import Grid, SensitivityTable, measure_sensitivity
-from search.config import SAMPLERS, TABLE_SAMPLERS, RunConfig, RunLayout
+from search.config import PREDICTOR_TARGETS, SAMPLERS, TABLE_SAMPLERS, RunConfig, RunLayout
 from search.export import add_format_arguments, add_recovery_arguments, recover_and_export
 from search.knapsack import knapsack
-from search.objective import Objective
+from search.objective import TrialObjective
+from search.objectives import objective_class
 from search.plan import check_fits, make_plan
-from search.report import RunSummary, best_trial, own_kendall, publish, write_atomic
-from search.sampler import AdditiveSampler, PredictorSampler, measured, trial_architecture
+from search.report import RunSummary, own_kendall, publish, write_atomic
+from search.sampler import AdditiveSampler, PredictorSampler
 from search.setup import FINAL_EVAL_WINDOWS, USER_ERRORS, Setup, prepare, resolve_device
 from search.space import SearchSpace
 from search.study import (
@@ -50,6 +51,7 @@ from search.study import (
     open_study,
     retry_dead_workers,
 )
+from search.trials import best_trial, measured, trial_architecture
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,8 +70,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--trials", type=int, default=d.trials, help="candidates to measure (default: %(default)s)")
     p.add_argument(
-        "--objective", default=d.objective, choices=("perplexity",), help="metric to minimise (default: %(default)s)"
+        "--objective", default=d.objective,
+        help="what each trial measures: perplexity, kl (to the dense model), task (accuracy on --task) or "
+        "lm-eval:TASK[,TASK] (lm-evaluation-harness, pip install 'prunesearch[eval]') (default: %(default)s)",
     )
+    p.add_argument("--task-search-examples", type=int, default=d.task_search_examples,
+                   help="--objective task: training examples of --task each trial is measured on (default: "
+                   "%(default)s); 20%% of --task is held out for the summary")
+    p.add_argument("--predictor-target", default=d.predictor_target, choices=PREDICTOR_TARGETS,
+                   help="what the predictor learns: the objective's value, or with --objective task the smooth "
+                   "log-likelihood margin of the right option (default: %(default)s)")
+    p.add_argument("--eval-limit", type=int, default=d.eval_limit,
+                   help="--objective lm-eval:...: documents per task each trial is measured on; the summary "
+                   "reports on the rest (default: %(default)s)")
+    p.add_argument("--eval-include", default=d.eval_include,
+                   help="directory of lm-eval task YAMLs (a local YAML over a local JSONL works offline)")
     p.add_argument(
         "--calibration",
         default=d.calibration,
@@ -189,7 +204,18 @@ def identity(setup: Setup) -> dict:
         "sampler": c.sampler,
         "sensitivity": [c.sensitivity_windows, c.sensitivity_points, c.local_table]
         if c.sampler in TABLE_SAMPLERS else None,
+        **({} if c.objective == "perplexity" else {"objective_settings": objective_settings(c)}),
     }
+
+
+def objective_settings(c: RunConfig) -> dict:
+    """What, beyond its name, decides the values an objective records (a resume with other values is refused)."""
+    if c.objective == "task":
+        return {"task": c.task, "template": c.task_template, "answer_prefix": c.task_answer_prefix, "shots": c.shots,
+                "search_examples": c.task_search_examples, "predictor_target": c.predictor_target, "seed": c.seed}
+    if c.objective.startswith("lm-eval:"):
+        return {"limit": c.eval_limit, "include": c.eval_include}
+    return {"search_windows": c.search_windows}
 
 
 def table_windows(setup: Setup) -> torch.Tensor:
@@ -244,19 +270,38 @@ def baselines(
     return out
 
 
+def objective_baselines(study: optuna.Study, setup: Setup, importance: Importance,
+                        sensitivity: SensitivityTable | None) -> dict[str, dict[str, float]]:
+    """Held-out metrics of the base model and the rivals for an objective other than perplexity: the perplexity
+    of `baselines` with the objective and its companions (stored once)."""
+    if "objective_baselines" in study.user_attrs:
+        return study.user_attrs["objective_baselines"]
+    base, space = baselines(study, setup, importance, sensitivity), setup.space
+    objective = setup.objective("held_out")
+    out = {"base": {"perplexity": base["base"], **objective(setup.model).flat(objective.name)}}
+    rivals = [("uniform", space.uniform()), ("threshold", space.threshold(importance))]
+    if sensitivity is not None:
+        rivals.append(("knapsack", knapsack(space, sensitivity)))
+    for name, arch in rivals:
+        with masked(setup.model, arch, importance):
+            out[name] = {"perplexity": base[name], **objective(setup.model).flat(objective.name)}
+    study.set_user_attr("objective_baselines", out)
+    return out
+
+
 def search(study: optuna.Study, setup: Setup, importance: Importance) -> None:
     c = setup.config
     remaining = c.trials - count_measurements(study)
     if remaining <= 0:
         return
-    objective = Objective(setup.model, importance, setup.space, setup.search_windows, c.batch_size)
+    objective = TrialObjective(setup.model, importance, setup.space, setup.objective("search"), c.predictor_target)
     bar = tqdm(total=c.trials, initial=c.trials - remaining, desc="trials", unit="trial")
 
     def progress(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         bar.update(int(is_measurement(trial)))
-        _, values = measured(study)
-        if len(values):
-            bar.set_postfix(best=f"{values.min():.3f}", last=f"{trial.value:.3f}" if trial.value else trial.state.name)
+        if measured(study)[0]:
+            best = best_trial(study).value
+            bar.set_postfix(best=f"{best:.3f}", last=f"{trial.value:.3f}" if trial.value else trial.state.name)
 
     try:
         study.optimize(  # until the study holds c.trials measurements, whichever worker makes them
@@ -273,8 +318,14 @@ def finish(study: optuna.Study, setup: Setup, importance: Importance, sensitivit
     layout, c = setup.layout, setup.config
     best = best_trial(study)
     arch = trial_architecture(best)
+    held_out = {}  # model -> held-out metrics, for an objective other than perplexity
+    if c.objective != "perplexity":
+        held_out = dict(objective_baselines(study, setup, importance, sensitivity))
+        objective = setup.objective("held_out")
     with masked(setup.model, arch, importance):
         best_ppl = perplexity(setup.model, setup.held_out, c.batch_size)
+        if held_out:
+            held_out["searched"] = {"perplexity": best_ppl, **objective(setup.model).flat(objective.name)}
     base = baselines(study, setup, importance, sensitivity)
     archs, values = measured(study)
     if len(archs) >= 5:
@@ -305,6 +356,9 @@ def finish(study: optuna.Study, setup: Setup, importance: Importance, sensitivit
         predictor_kendall_tau=tau,
         predictor_pairs=pairs,
         wall_time_s=round(time.time() - started, 1),
+        objective=setup.objective().name,
+        objective_direction=setup.objective().direction,
+        objective_values=held_out,
     )
     write_atomic(layout.best_architecture, arch.to_json())
     write_summary(study, layout, summary)
@@ -323,8 +377,10 @@ def export_best(study: optuna.Study, setup: Setup, importance: Importance, summa
     layout = setup.layout
     arch = Architecture.from_json(layout.best_architecture.read_text())
     command = "python -m search.run " + shlex.join(argv)
-    record = recover_and_export(setup, importance, arch, layout.export_path(setup.config), command, force=True)
-    study.set_user_attr("recovery", record)
+    comparisons = {name: values for name, values in summary.objective_values.items() if name != "base"}
+    record = recover_and_export(setup, importance, arch, layout.export_path(setup.config), command, force=True,
+                                comparisons=comparisons)
+    study.set_user_attr("recovery", record.to_dict())
     summary = replace(summary, recovery=record, wall_time_s=round(time.time() - started, 1))
     write_summary(study, layout, summary)
     return summary
@@ -346,7 +402,8 @@ def start(config: RunConfig) -> tuple[Setup, optuna.Study, Importance, Sensitivi
     layout.root.mkdir(parents=True, exist_ok=True)
     try:
         storage = open_storage(layout.storage_url(config))
-        study = open_study(storage, layout.study_name(config), None, identity(setup))
+        direction = objective_class(config.objective).direction
+        study = open_study(storage, layout.study_name(config), None, identity(setup), direction)
         importance = load_or_compute(setup.model, setup.calibration, config.importance, layout.root, config.batch_size)
     except BaseException:
         if fresh:  # leave nothing half-written behind
@@ -359,6 +416,19 @@ def start(config: RunConfig) -> tuple[Setup, optuna.Study, Importance, Sensitivi
     study = optuna.load_study(study_name=study.study_name, storage=storage, sampler=sampler)
     write_atomic(layout.config, config.to_json())
     return setup, study, importance, sensitivity
+
+
+def execute(setup: Setup, study: optuna.Study, importance: Importance, sensitivity: SensitivityTable | None,
+            argv: list[str], started: float) -> RunSummary:
+    """After `start`: measure the baselines, search until the study holds the trials asked for, summarise,
+    and (with `export`) slice, recover and export the best; `argv` is recorded in the model card."""
+    retry_dead_workers(study)
+    baselines(study, setup, importance, sensitivity)
+    search(study, setup, importance)
+    summary = finish(study, setup, importance, sensitivity, started)
+    if setup.config.export:
+        summary = export_best(study, setup, importance, summary, argv, started)
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -381,7 +451,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     layout = setup.layout
-    retry_dead_workers(study)
     watch = layout.storage_url(config).removeprefix("journal:")
     print(
         f"run directory: {layout.root}\nbudget: {format_count(setup.space.budget)} parameters\n"
@@ -389,8 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         file=sys.stderr,
     )
     try:
-        baselines(study, setup, importance, sensitivity)
-        search(study, setup, importance)
+        summary = execute(setup, study, importance, sensitivity, argv, started)
     except KeyboardInterrupt:
         print(
             f"\ninterrupted: the running trial is marked failed, finished trials are kept.\n"
@@ -398,9 +466,6 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
-    summary = finish(study, setup, importance, sensitivity, started)
-    if config.export:
-        summary = export_best(study, setup, importance, summary, argv, started)
     print(summary.to_markdown())
     return 0
 

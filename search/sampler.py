@@ -37,7 +37,7 @@ import numpy as np
 import optuna
 from optuna.distributions import BaseDistribution
 from optuna.samplers import BaseSampler, RandomSampler
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 from sklearn.linear_model import RidgeCV
 
 from predictor.features import FeatureBuilder
@@ -47,29 +47,9 @@ from pruning.importance import Importance
 from pruning.sensitivity import SensitivityTable
 from search import knapsack
 from search.space import SearchSpace
+from search.trials import ARCH_ATTR, measured, trial_architecture, write_proposal  # noqa: F401 (ARCH_ATTR re-exported)
 
 logger = logging.getLogger(__name__)
-
-ARCH_ATTR = "architecture"  # user attribute holding the evaluated architecture's JSON
-
-
-def trial_architecture(trial: FrozenTrial) -> Architecture | None:
-    text = trial.user_attrs.get(ARCH_ATTR)
-    return Architecture.from_json(text) if text else None
-
-
-def completed(study: optuna.Study) -> list[FrozenTrial]:
-    """Completed trials with a finite value, in trial order."""
-    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return [t for t in done if t.value is not None and np.isfinite(t.value)]
-
-
-def measured(study: optuna.Study) -> tuple[list[Architecture], np.ndarray]:
-    """Architectures and values of the completed trials (finite values only)."""
-    pairs = [(trial_architecture(t), t.value) for t in completed(study)]
-    pairs = [(a, v) for a, v in pairs if a is not None]
-    return [a for a, _ in pairs], np.array([v for _, v in pairs], dtype=float)
-
 
 class PredictorSampler(BaseSampler):
     def __init__(
@@ -116,10 +96,7 @@ class PredictorSampler(BaseSampler):
             explore = due and self.costs is None
             arch, note = self._guided(archs, values, taken, rng, explore)
             phase = "explore" if explore else "guided"
-        storage = study._storage
-        storage.set_trial_system_attr(trial._trial_id, "phase", phase)
-        for key, value in note.items():
-            storage.set_trial_system_attr(trial._trial_id, key, value)
+        write_proposal(study, trial, phase, note)
         return self.space.to_params(arch)
 
     def sample_independent(self, study, trial, param_name, param_distribution):

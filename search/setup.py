@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -12,6 +12,7 @@ from pruning import adapter
 from pruning.architecture import Architecture, ArchitectureError
 from pruning.data import DataError, evenly_spaced, read_text, token_windows
 from pruning.metrics import default_device
+from search import objectives
 from search.budget import BudgetError, parse_budget
 from search.config import ConfigError, RunConfig, RunLayout
 from search.space import InfeasibleBudgetError, SearchSpace, SpaceError
@@ -31,6 +32,7 @@ USER_ERRORS = (
     StudyMismatchError,
     TaskDataError,
     GGUFExportError,
+    objectives.ObjectiveError,
 )
 
 
@@ -47,6 +49,15 @@ class Setup:
     search_windows: torch.Tensor  # (M, T)
     final_windows: torch.Tensor  # (K, T) evenly spread over the evaluation text; the search windows are M of them
     held_out: torch.Tensor  # (K - M, T) the final windows no trial is measured on: what results are reported on
+    suite: objectives.Suite | None = None  # lm-eval tasks, loaded and checked once
+    _objectives: dict = field(default_factory=dict, repr=False)
+
+    def objective(self, split: str = "search") -> objectives.Objective:
+        """The run's objective bound to the search or held-out split, built once; build "held_out" while the
+        model is dense (before slicing: the KL teacher reads it)."""
+        if split not in self._objectives:
+            self._objectives[split] = objectives.build(self.config, self, split, self.suite)
+        return self._objectives[split]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -90,7 +101,8 @@ def prepare(config: RunConfig) -> Setup:
     for _, path in config.domain_sources():
         read_text(path, "train")
     if config.task:
-        read_task_jsonl(config.task, TaskFormat(config.task_template))
+        read_task_jsonl(config.task, TaskFormat(config.task_template, answer_prefix=config.task_answer_prefix))
+    suite = objectives.check(config)
     if config.storage:
         open_storage(config.storage)
     tokenizer = adapter.load_tokenizer(config.model)
@@ -109,6 +121,8 @@ def prepare(config: RunConfig) -> Setup:
         )
     model = adapter.load_model(config.model, device, run_dtype(device))
     layout = RunLayout(config.run_dir())
-    return Setup(config, layout, space, model, tokenizer, calibration, final[picked], final, held_out)
+    setup = Setup(config, layout, space, model, tokenizer, calibration, final[picked], final, held_out, suite)
+    setup.objective("search")  # refuses now what the objective cannot measure (e.g. too few lm-eval documents)
+    return setup
 
 

@@ -68,11 +68,13 @@ def _rdb_storage(url: str) -> RDBStorage:
 
 
 def open_study(
-    storage: BaseStorage, name: str, sampler: optuna.samplers.BaseSampler | None, identity: dict[str, Any]
+    storage: BaseStorage, name: str, sampler: optuna.samplers.BaseSampler | None, identity: dict[str, Any],
+    direction: str = "minimize",
 ) -> optuna.Study:
-    """Create the study, or resume it when its `identity` (model, budget, space, objective) matches."""
+    """Create the study (minimising or maximising the objective), or resume it when its `identity` (model, budget,
+    space, objective) matches."""
     study = optuna.create_study(
-        storage=storage, study_name=name, sampler=sampler, direction="minimize", load_if_exists=True
+        storage=storage, study_name=name, sampler=sampler, direction=direction, load_if_exists=True
     )
     stored = study.user_attrs.get("identity")
     if stored is None:

@@ -44,7 +44,7 @@ def test_jsonl_rows_render_with_answer_prefix_and_index_answers(tmp_path):
     path = tmp_path / "task.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n\n")
     got = read_task_jsonl(path, FMT)
-    assert got[0] == TaskExample("Q: 1+1\nA:", " 2", (" 2", " 3"))
+    assert got[0] == TaskExample("Q: 1+1\nA:", " 2", (" 2", " 3"), prefix=" ")
     assert got[1].answer == " 4" and got[1].answer_index == 1
     assert got[3].answer == " 8" and got[3].answer_index == 1
 

@@ -189,7 +189,9 @@ def test_model_card_lists_budget_params_shapes_metrics_and_command(round_trip):
     assert "- Budget: 50%" in text
     assert f"- Parameters: {arch.params():,} (" in text
     assert "`prunesearch export --budget 50%`" in text
-    assert "| perplexity | 80.25 | 61.5 |" in text
+    assert "| model | perplexity |" in text
+    assert "| this model, sliced (before recovery) | 80.25 |" in text
+    assert "| this model, after recovery | 61.5 |" in text
     assert "| 1 | 0/2 | 0/6 | 0 | 40/40 | dropped | kept |" in text
     assert "trust_remote_code=True" in text
     assert 'llama-cli -m model.gguf -p "def main():" -n 64' in text
@@ -227,3 +229,22 @@ def test_model_not_sliced_to_its_architecture_is_refused(tmp_path):
     with pytest.raises(export_module.ExportError, match="was it sliced"):
         export_model(model, arch, char_tokenizer(), tmp_path / "model", CARD)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_model_card_lists_every_model_measured_on_every_metric():
+    from finetune.card import CardError, render
+    from pruning.adapter import model_spec
+
+    card = ModelCard("50%", "python -m search.run", metrics_before={"perplexity": 80.25, "task": 0.25},
+                     metrics_after={"perplexity": 61.5, "task": 0.5}, metrics_dense={"perplexity": 20.0, "task": 0.75},
+                     comparisons={"uniform": {"perplexity": 90.0, "task": 0.125}, "searched": {"perplexity": 70.0}})
+    assert [name for name, _ in card.rows()] == ["base model (dense)", "uniform", "searched",
+                                                 "this model, sliced (before recovery)", "this model, after recovery"]
+    text = render(Architecture.full(model_spec(char_model())), card, remote_code=False)
+    table = text[text.index("| model |"):text.index("## Per-layer shapes")].strip().splitlines()
+    assert table == ["| model | perplexity | task |", "|---|---:|---:|", "| base model (dense) | 20 | 0.75 |",
+                     "| uniform | 90 | 0.125 |", "| searched | 70 | – |",
+                     "| this model, sliced (before recovery) | 80.25 | 0.25 |",
+                     "| this model, after recovery | 61.5 | 0.5 |"]
+    with pytest.raises(CardError, match="comparison 'uniform' must map metric names to numbers"):
+        ModelCard("50%", "x", comparisons={"uniform": {"task": "high"}})

@@ -9,7 +9,7 @@ from optuna.trial import TrialState
 
 from pruning.architecture import Architecture
 from search import run
-from search.objective import Objective
+from search.objective import TrialObjective
 from search.sampler import ARCH_ATTR
 
 
@@ -183,7 +183,7 @@ def test_missing_model_is_named(tmp_path, capsys):
 @pytest.mark.slow
 def test_interrupt_keeps_finished_trials_and_says_how_to_resume(tiny_model_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
-    measure = Objective.measure
+    measure = TrialObjective.measure
     calls = []
 
     def interrupt_third(self, trial, arch):
@@ -192,13 +192,13 @@ def test_interrupt_keeps_finished_trials_and_says_how_to_resume(tiny_model_dir, 
             raise KeyboardInterrupt
         return measure(self, trial, arch)
 
-    monkeypatch.setattr(Objective, "measure", interrupt_third)
+    monkeypatch.setattr(TrialObjective, "measure", interrupt_third)
     command = args(tiny_model_dir, out, "--budget", "75%", "--trials", "6", "--sampler", "random")
     assert run.main(command) == 130
     assert "resume with: python -m search.run" in capsys.readouterr().err
     states = [t.state for t in load(out).trials]
     assert states == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL]
-    monkeypatch.setattr(Objective, "measure", measure)
+    monkeypatch.setattr(TrialObjective, "measure", measure)
     assert run.main(command) == 0
     trials = load(out).trials
     assert [t.state for t in trials[:3]] == [TrialState.COMPLETE] * 2 + [TrialState.FAIL]
@@ -224,10 +224,10 @@ def test_recovery_notes_say_when_the_export_is_not_better():
     from finetune.evaluate import Evaluation
     from search.export import recovery_notes
 
-    assert recovery_notes(Evaluation(20.0), Evaluation(18.0), 40) == {}
-    assert recovery_notes(Evaluation(20.0), Evaluation(20.0), 0) == {"notes": [
-        "no recovery step lowered the search windows' perplexity: the sliced model is exported untuned"]}
-    worse = recovery_notes(Evaluation(133.3), Evaluation(155.3), 20)["notes"]
+    assert recovery_notes(Evaluation(20.0), Evaluation(18.0), 40) == ()
+    assert recovery_notes(Evaluation(20.0), Evaluation(20.0), 0) == (
+        "no recovery step lowered the search windows' perplexity: the sliced model is exported untuned",)
+    worse = recovery_notes(Evaluation(133.3), Evaluation(155.3), 20)
     assert len(worse) == 1 and worse[0].startswith("held-out perplexity is worse after recovery (133.300 sliced, "
                                                    "155.300 exported)")
 
@@ -241,7 +241,7 @@ def test_export_cli_on_a_finished_run(finished_run, tmp_path, capsys):
                "--recover-windows", "4"]
     assert export.main(command) == 0
     record = json.loads(capsys.readouterr().out)
-    assert record["export"] == str(out) and "recovered" not in record
+    assert record["export"] == str(out) and record["recovered"] is None
     trial_arch = Architecture.from_json(load(finished_run).trials[2].user_attrs[ARCH_ATTR])
     assert f"{trial_arch.params():,}" in (out / "README.md").read_text()
     assert export.main(command) == 2

@@ -1,0 +1,22 @@
+"""`perplexity`: exp(mean next-token NLL) on the evaluation windows (minimised)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pruning.metrics import perplexity
+from search.objectives.base import Objective, Score
+
+
+@dataclass
+class Perplexity(Objective):
+    windows: torch.Tensor  # (N, T)
+    batch_size: int = 8
+
+    name = "perplexity"
+    direction = "minimize"
+
+    def __call__(self, model) -> Score:
+        return Score(perplexity(model, self.windows, self.batch_size))

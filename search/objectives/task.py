@@ -1,0 +1,64 @@
+"""`task`: accuracy on a local multiple-choice JSONL task (maximised), with acc_norm and the margin as companions.
+
+The task is read as `finetune` reads it for recovery (`--task`, `--task-template`, `--task-answer-prefix`,
+`--shots`), and split the same way: 20% held out (what summaries report; recovery never trains on it)
+and the rest, of which `--task-search-examples` evenly spread are what each trial is measured on.
+Their few-shot examples come from the other training examples, never from the example itself.
+Options are scored by log-likelihood after the few-shot context, by lm-eval's acc / acc_norm rules
+(`finetune.evaluate.task_scores`); the mean log-likelihood margin of the right option is the smooth
+companion (`--predictor-target margin` lets the predictor learn from it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from finetune.data import EncodedTask, TaskExample, TaskFormat, encode_tasks, read_task_jsonl, split_examples
+from finetune.evaluate import task_scores
+from search.objectives.base import Objective, ObjectiveError, Score
+
+HELD_OUT_SHARE = 0.2
+
+
+def read_task(path: str, template: str, answer_prefix: str, seed: int,
+              need_options: bool) -> tuple[tuple[TaskExample, ...], tuple[TaskExample, ...]]:
+    """(training examples, held-out examples) of a task JSONL; with `need_options`, every example must have
+    at least two options (multiple choice), else ObjectiveError naming the first that has not."""
+    examples = read_task_jsonl(path, TaskFormat(template, answer_prefix=answer_prefix))
+    if need_options:
+        for i, ex in enumerate(examples):
+            if len(ex.options) < 2:
+                raise ObjectiveError(f"{path}: example {i + 1} has {len(ex.options)} options; the task objective "
+                                     "scores options by log-likelihood, so give every row an \"options\" list of "
+                                     "two or more with the answer among them (or use --objective perplexity)")
+    return split_examples(examples, held_out=HELD_OUT_SHARE, seed=seed)
+
+
+def search_split(train: tuple[TaskExample, ...], n: int) -> tuple[tuple[TaskExample, ...], tuple[TaskExample, ...]]:
+    """(`n` search examples evenly spread over `train`, the other training examples: their shot pool)."""
+    picked = set(np.linspace(0, len(train) - 1, min(n, len(train))).round().astype(int).tolist())
+    search = tuple(ex for i, ex in enumerate(train) if i in picked)
+    rest = tuple(ex for i, ex in enumerate(train) if i not in picked)
+    return search, rest or train
+
+
+@dataclass
+class TaskAccuracy(Objective):
+    tasks: tuple[EncodedTask, ...]
+    batch_size: int = 8
+
+    name = "task"
+    direction = "maximize"
+    needs = ("labels",)
+    relative_cost = 3.0  # one forward pass per option of every example
+    companions = {"acc_norm": "maximize", "margin": "maximize"}
+
+    @classmethod
+    def encode(cls, tokenizer, examples, pool, max_len: int, shots: int, seed: int, batch_size: int):
+        return cls(encode_tasks(tokenizer, examples, max_len, shots=shots, seed=seed, pool=pool), batch_size)
+
+    def __call__(self, model) -> Score:
+        s = task_scores(model, self.tasks, self.batch_size)
+        return Score(s.acc, {"acc_norm": s.acc_norm, "margin": s.margin})

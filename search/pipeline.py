@@ -1,0 +1,41 @@
+"""The search as library calls: what `python -m search.run` does, for experiments and notebooks.
+
+    summary = run_search(RunConfig(budget="50%", trials=12, objective="task", task="qa.jsonl", export=False))
+    summary.objective_values["searched"]            # held-out metrics of the best candidate
+    study = open_run_study(summary)                 # the Optuna study: every trial as `search.trials.Measurement`
+
+The CLI (`search.run.main`) parses argv into the same `RunConfig`, prints and turns errors into exit codes;
+these functions take arguments, return records and raise (`search.setup.USER_ERRORS` for bad input).
+"""
+
+from __future__ import annotations
+
+import shlex
+import time
+
+import optuna
+
+from search.config import RunConfig
+from search.report import RunSummary
+from search.run import execute, start
+from search.study import open_storage
+from search.trials import Measurement, measurements
+
+
+def run_search(config: RunConfig, command: str | None = None) -> RunSummary:
+    """Search (resuming the run directory `config.out` when it exists), summarise and, with `config.export`,
+    slice, recover and export; returns the run's summary. `command` is recorded in the model card."""
+    started = time.time()
+    setup, study, importance, sensitivity = start(config)
+    argv = shlex.split(command) if command else ["--out", str(setup.layout.root)]
+    return execute(setup, study, importance, sensitivity, argv, started)
+
+
+def open_run_study(summary: RunSummary) -> optuna.Study:
+    """The study of a finished run (read it; the run's own sampler is not attached)."""
+    return optuna.load_study(study_name=summary.study_name, storage=open_storage(summary.storage))
+
+
+def run_measurements(summary: RunSummary) -> list[Measurement]:
+    """Every completed trial of a finished run, in trial order."""
+    return measurements(open_run_study(summary))

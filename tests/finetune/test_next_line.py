@@ -1,0 +1,45 @@
+"""The shipped next-line task: deterministic, built from the evaluation text only, answered above chance."""
+
+import json
+
+import pytest
+import torch
+
+from finetune import next_line
+from finetune.data import TaskFormat, encode_tasks, read_task_jsonl
+from finetune.evaluate import task_scores
+from pruning import adapter, reference
+
+
+def test_the_shipped_file_is_what_the_builder_makes(tmp_path):
+    assert next_line.main([str(tmp_path / "again.jsonl")]) == 0
+    assert (tmp_path / "again.jsonl").read_bytes() == next_line.TASK_PATH.read_bytes()
+
+
+def test_rows_come_from_the_evaluation_text_only():
+    rows = [json.loads(x) for x in next_line.TASK_PATH.read_text().splitlines()]
+    assert len(rows) == next_line.N_EXAMPLES
+    evaluation = reference.EVALUATION_TEXT.read_text()
+    lines = [x.rstrip() for x in evaluation.splitlines()]
+    for row in rows:
+        answer = row["options"][row["answer"]]
+        assert len(row["options"]) == 4 and len(set(row["options"])) == 4
+        assert all(o in lines and lines.count(o) == 1 for o in row["options"])
+        i = lines.index(answer)
+        assert row["context"] == next_line.context_before(lines, i)  # the true line follows its context
+        assert row["context"] in evaluation
+        assert all(abs(lines.index(o) - i) >= next_line.FAR for o in row["options"] if o != answer)
+    answers = [json.loads(x)["answer"] for x in next_line.TASK_PATH.read_text().splitlines()]
+    assert {a: answers.count(a) for a in range(4)}.keys() == {0, 1, 2, 3}  # the right option's place varies
+
+
+@pytest.mark.slow  # 400 examples x 4 options through the reference model (about 40 s on one CPU thread)
+def test_the_reference_model_answers_well_above_chance():
+    tokenizer = adapter.load_tokenizer(str(reference.MODEL_DIR))
+    model = adapter.load_model(str(reference.MODEL_DIR), torch.device("cpu"), torch.float32)
+    fmt = TaskFormat(next_line.TEMPLATE, answer_prefix=next_line.ANSWER_PREFIX)
+    tasks = encode_tasks(tokenizer, read_task_jsonl(next_line.TASK_PATH, fmt), max_len=512)
+    scores = task_scores(model, tasks, batch_size=16)
+    # chance is 0.25; 400 examples put its standard error at 0.022, so 0.33 is more than 3.5 of them above
+    assert scores.acc == pytest.approx(0.355, abs=1e-9)
+    assert scores.acc >= 0.33

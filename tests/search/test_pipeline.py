@@ -1,0 +1,34 @@
+"""search.pipeline: the search as library calls returns what the CLI writes."""
+
+import json
+from dataclasses import fields, replace
+
+import pytest
+
+from search.config import RunConfig
+from search.objectives import KL
+from search.pipeline import open_run_study, run_measurements, run_search
+from search.report import RunSummary
+from search.run import build_parser
+from search.trials import best_trial
+from tests.search.test_run import args
+
+
+@pytest.mark.slow
+def test_run_search_returns_the_summary_it_writes_and_the_measurements(tiny_model_dir, tmp_path):
+    parsed = build_parser().parse_args(args(tiny_model_dir, tmp_path / "kl", "--budget", "75%", "--trials", "6",
+                                            "--objective", "kl"))
+    config = RunConfig(**{f.name: getattr(parsed, f.name) for f in fields(RunConfig)})
+    summary = run_search(config)
+    assert summary == RunSummary.from_json((tmp_path / "kl" / "summary.json").read_text())
+    assert summary.objective == "kl" and summary.objective_direction == "minimize"
+    records = run_measurements(summary)
+    assert len(records) == 6 and all(m.objective == "kl" and m.loss == m.value > 0 for m in records)
+    assert summary.best_trial == best_trial(open_run_study(summary)).number
+    base, searched = summary.objective_values["base"], summary.objective_values["searched"]
+    assert base["kl"] == pytest.approx(0.0, abs=1e-6) and searched["kl"] > base["kl"]
+    assert json.loads((tmp_path / "kl" / "summary.json").read_text())["objective_values"] == summary.objective_values
+    # a second call resumes the finished run: nothing more is measured
+    again = run_search(replace(config, trials=6))
+    assert again.trials_complete == 6 and again.best_trial == summary.best_trial
+    assert KL.direction == "minimize"
