@@ -2,8 +2,9 @@
 
     python -m experiments.recovery_study [--budgets 80% 50%] [--trials 24] [--steps 100] [--out runs/recovery_study]
 
-For each budget: one search (`search.run --no-export`), then `search.export` of its best
-architecture twice, with distillation weight 0 and 0.5 (same LoRA steps and data). Perplexity is
+For each budget: one search (`search.pipeline.run_search`, no export), then its best architecture
+recovered and exported twice (`search.pipeline.recover_architecture`), with distillation weight 0
+and 0.5 (same LoRA steps and data). Perplexity is
 on the run's evaluation windows; "retained" is dense perplexity ÷ model perplexity.
 Writes results.md to --out and prints it.
 """
@@ -11,23 +12,19 @@ Writes results.md to --out and prints it.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from contextlib import redirect_stdout
-from io import StringIO
+from dataclasses import replace
 from pathlib import Path
 
-from search import export, run
+from pruning.architecture import Architecture
+from search.config import RunConfig
+from search.export import RecoveryRecord
+from search.pipeline import recover_architecture, run_search
 
 
-def export_record(run_dir: Path, out: Path, steps: int, distill: float) -> dict:
-    buffer = StringIO()
-    with redirect_stdout(buffer):
-        code = export.main(["--run", str(run_dir), "--out", str(out), "--force", "--recover-steps", str(steps),
-                            "--distill", str(distill)])
-    if code != 0:
-        raise SystemExit(f"export of {run_dir} failed ({code})")
-    return json.loads(buffer.getvalue())
+def export_record(config: RunConfig, arch: Architecture, out: Path, steps: int, distill: float) -> RecoveryRecord:
+    return recover_architecture(replace(config, recover_steps=steps, distill=distill), arch, out,
+                                "python -m experiments.recovery_study")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,20 +38,19 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for budget in args.budgets:
         run_dir = out / f"search-{budget.replace('%', 'pct')}"
-        if run.main(["--budget", budget, "--trials", str(args.trials), "--no-export", "--out", str(run_dir)]) != 0:
-            return 1
-        summary = json.loads((run_dir / "summary.json").read_text())
-        lora = export_record(run_dir, out / f"model-{run_dir.name}-lora", args.steps, 0.0)
-        distilled = export_record(run_dir, out / f"model-{run_dir.name}-lora-kd", args.steps, 0.5)
-        dense = lora["dense"]["perplexity"]
+        config = RunConfig(budget=budget, trials=args.trials, export=False, out=str(run_dir))
+        summary = run_search(config)
+        arch = Architecture.from_json((run_dir / "best_architecture.json").read_text())
+        lora = export_record(config, arch, out / f"model-{run_dir.name}-lora", args.steps, 0.0)
+        distilled = export_record(config, arch, out / f"model-{run_dir.name}-lora-kd", args.steps, 0.5)
         cells = {
-            "dense": dense,
-            "uniform (no recovery)": summary["uniform_perplexity"],
-            "searched": lora["pruned"]["perplexity"],
-            "searched + LoRA": lora["recovered"]["perplexity"],
-            "searched + LoRA + KD": distilled["recovered"]["perplexity"],
+            "dense": lora.dense["perplexity"],
+            "uniform (no recovery)": summary.uniform_perplexity,
+            "searched": lora.pruned["perplexity"],
+            "searched + LoRA": lora.recovered["perplexity"],
+            "searched + LoRA + KD": distilled.recovered["perplexity"],
         }
-        rows.append((budget, summary["best_params"], cells))
+        rows.append((budget, summary.best_params, cells))
     header = list(rows[0][2])
     lines = ["| params kept | parameters | " + " | ".join(header) + " | retained (best) |",
              "|---" * (len(header) + 3) + "|"]

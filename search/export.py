@@ -42,8 +42,8 @@ from pruning.slicing import slice_model
 from search.config import EXPORT_FORMATS, RunConfig, RunLayout
 from search.objectives import task_max_len
 from search.objectives.task import HELD_OUT_SHARE
-from search.sampler import trial_architecture
 from search.setup import USER_ERRORS, Setup, prepare
+from search.trials import trial_architecture
 
 TEACHER_TOP_K = 32
 

@@ -2,7 +2,8 @@
 
     summary = run_search(RunConfig(budget="50%", trials=12, objective="task", task="qa.jsonl", export=False))
     summary.objective_values["searched"]            # held-out metrics of the best candidate
-    study = open_run_study(summary)                 # the Optuna study: every trial as `search.trials.Measurement`
+    run_measurements(summary)                       # every trial as a `search.trials.Measurement`
+    record = recover_architecture(config, arch, out)  # slice, LoRA-recover and export any architecture
 
 The CLI (`search.run.main`) parses argv into the same `RunConfig`, prints and turns errors into exit codes;
 these functions take arguments, return records and raise (`search.setup.USER_ERRORS` for bad input).
@@ -12,12 +13,17 @@ from __future__ import annotations
 
 import shlex
 import time
+from pathlib import Path
 
 import optuna
 
+from pruning.architecture import Architecture
+from pruning.importance import load_or_compute
 from search.config import RunConfig
+from search.export import RecoveryRecord, recover_and_export
 from search.report import RunSummary
 from search.run import execute, start
+from search.setup import prepare
 from search.study import open_storage
 from search.trials import Measurement, measurements
 
@@ -39,3 +45,14 @@ def open_run_study(summary: RunSummary) -> optuna.Study:
 def run_measurements(summary: RunSummary) -> list[Measurement]:
     """Every completed trial of a finished run, in trial order."""
     return measurements(open_run_study(summary))
+
+
+def recover_architecture(config: RunConfig, arch: Architecture, out: Path, command: str = "") -> RecoveryRecord:
+    """Slice a fresh copy of `config.model` to `arch`, recover it as `config` asks (LoRA, --task, --domain) and
+    export it to `out`; importance scores are read from (or cached in) the run directory `config.out`."""
+    setup = prepare(config)
+    setup.layout.root.mkdir(parents=True, exist_ok=True)
+    importance = load_or_compute(setup.model, setup.calibration, config.importance, setup.layout.root,
+                                 config.batch_size)
+    return recover_and_export(setup, importance, arch, Path(out), command or "search.pipeline.recover_architecture",
+                              force=True)

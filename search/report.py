@@ -42,8 +42,8 @@ class RunSummary:
     recovery: RecoveryRecord | None = None
     objective: str = "perplexity"  # what the trials measured
     objective_direction: str = "minimize"
-    # held-out metrics of each model (base, uniform, threshold, knapsack, searched): perplexity and the objective
-    # with its companions (`Score.flat`); the recovered model's are in `recovery`
+    # held-out metrics of each model (base, uniform, threshold, knapsack, searched): perplexity and, for another
+    # objective, the objective with its companions (`Score.flat`); the recovered model's are in `recovery`
     objective_values: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def dashboard_command(self) -> str:

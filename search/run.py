@@ -37,6 +37,7 @@ from search.export import add_format_arguments, add_recovery_arguments, recover_
 from search.knapsack import knapsack
 from search.objective import TrialObjective
 from search.objectives import objective_class
+from search.objectives.kl import TOP_K as KL_TOP_K
 from search.plan import check_fits, make_plan
 from search.report import RunSummary, own_kendall, publish, write_atomic
 from search.sampler import AdditiveSampler, PredictorSampler
@@ -215,7 +216,7 @@ def objective_settings(c: RunConfig) -> dict:
                 "search_examples": c.task_search_examples, "predictor_target": c.predictor_target, "seed": c.seed}
     if c.objective.startswith("lm-eval:"):
         return {"limit": c.eval_limit, "include": c.eval_include}
-    return {"search_windows": c.search_windows}
+    return {"top_k": KL_TOP_K}
 
 
 def table_windows(setup: Setup) -> torch.Tensor:
@@ -327,6 +328,8 @@ def finish(study: optuna.Study, setup: Setup, importance: Importance, sensitivit
         if held_out:
             held_out["searched"] = {"perplexity": best_ppl, **objective(setup.model).flat(objective.name)}
     base = baselines(study, setup, importance, sensitivity)
+    if not held_out:  # perplexity: the baselines are the objective
+        held_out = {name: {"perplexity": value} for name, value in (*base.items(), ("searched", best_ppl))}
     archs, values = measured(study)
     if len(archs) >= 5:
         features = FeatureBuilder(importance, sensitivity).table(archs)

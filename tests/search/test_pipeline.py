@@ -32,3 +32,23 @@ def test_run_search_returns_the_summary_it_writes_and_the_measurements(tiny_mode
     again = run_search(replace(config, trials=6))
     assert again.trials_complete == 6 and again.best_trial == summary.best_trial
     assert KL.direction == "minimize"
+
+
+@pytest.mark.slow
+def test_recover_architecture_slices_and_exports_any_architecture(tiny_model_dir, tmp_path):
+    from pruning.importance import load_or_compute
+    from pruning.masking import masked
+    from pruning.metrics import perplexity
+    from search.pipeline import recover_architecture
+    from search.setup import prepare
+
+    parsed = build_parser().parse_args(args(tiny_model_dir, tmp_path / "run", "--budget", "75%"))
+    config = replace(RunConfig(**{f.name: getattr(parsed, f.name) for f in fields(RunConfig)}), recover_steps=0)
+    setup = prepare(config)
+    arch = setup.space.uniform()
+    record = recover_architecture(config, arch, tmp_path / "model")
+    assert record.export == str(tmp_path / "model") and record.recovered is None and record.final == record.pruned
+    importance = load_or_compute(setup.model, setup.calibration, config.importance, tmp_path / "run")
+    assert record.dense["perplexity"] == pytest.approx(perplexity(setup.model, setup.held_out), rel=1e-6)
+    with masked(setup.model, arch, importance):
+        assert record.pruned["perplexity"] == pytest.approx(perplexity(setup.model, setup.held_out), rel=1e-5)

@@ -88,6 +88,11 @@ def test_run_exports_the_recovered_best_model(finished_run):
     held_out = prepare(RunConfig(**json.loads((finished_run / "run.json").read_text()))).held_out
     assert recovery["recovered"]["perplexity"] == pytest.approx(perplexity(model, held_out), rel=1e-5)
     assert load(finished_run).user_attrs["recovery"] == recovery
+    assert summary["objective_values"]["searched"] == {"perplexity": summary["best_perplexity"]}
+    assert summary["objective_values"]["uniform"] == {"perplexity": summary["uniform_perplexity"]}
+    card = (finished_run / "model" / "README.md").read_text()
+    for row in ("base model (dense)", "uniform", "threshold", "knapsack", "searched", "this model, after recovery"):
+        assert f"| {row} | " in card
 
 
 @pytest.mark.slow
