@@ -332,7 +332,9 @@ def finish(study: optuna.Study, setup: Setup, importance: Importance, sensitivit
         held_out = {name: {"perplexity": value} for name, value in (*base.items(), ("searched", best_ppl))}
     archs, values = measured(study)
     if len(archs) >= 5:
-        features = FeatureBuilder(importance, sensitivity).table(archs)
+        # the features the search's own predictor learned from (its table: the local one when measured)
+        builder = study.sampler.features if isinstance(study.sampler, PredictorSampler) else FeatureBuilder(importance)
+        features = builder.table(archs)
         AccuracyPredictor(seed=c.seed).fit(features, values).save(layout.predictor)
     table_cost = study.user_attrs.get("sensitivity", {}).get("windows_evaluated", 0)
     complete = count_trials(study, TrialState.COMPLETE)

@@ -6,10 +6,10 @@ worse on the search windows. With a second, local table measured around that kna
 sublayer moved while the others stay pruned), its second trial is the knapsack of the local
 table: the additive estimate re-linearised where the search works, which is where the dense
 table's goes wrong (errors are not additive far from the dense model). The predictor learns the
-residual of the additive estimate (`predictor.base`), the local table's when there is one. Its candidates include
-knapsacks re-solved on transformed costs: tilted over depth and between attention and FFN
-(`_tilted`), corrected per sublayer by the measured pairs (`_corrected_costs`), and the local
-knapsack with perturbed costs (`_local_knapsacks`).
+residual of the additive estimate (`predictor.base`), the local table's when there is one. Its
+candidates include knapsacks re-solved on transformed costs: tilted over depth and between
+attention and FFN (`_tilted`), corrected per sublayer by the measured pairs (`_corrected_costs`),
+and the local knapsack with perturbed costs (`_local_knapsacks`).
 
 Each `ask` (Optuna's relative sampling) does:
     startup (fewer than `n_startup` finished trials): with a table, the knapsack, the local knapsack
