@@ -36,7 +36,6 @@ from contextlib import redirect_stdout
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-import optuna
 import torch
 
 from finetune.evaluate import EvalData
@@ -49,12 +48,14 @@ from pruning.sensitivity import Grid, measure_sensitivity
 from pruning.slicing import slice_model
 from search import run
 from search.budget import BudgetError, parse_budget
-from search.config import ConfigError, RunConfig, RunLayout
+from search.config import ConfigError, RunConfig
 from search.export import dense_teacher, recovery_settings, text_domains
 from search.knapsack import knapsack
-from search.report import write_atomic
+from search.pipeline import open_run_study, run_search
+from search.report import RunSummary, write_atomic
 from search.setup import USER_ERRORS, Setup, prepare
 from search.space import SearchSpace
+from search.trials import trial_architecture
 
 METHODS = ("uniform", "threshold", "threshold + bias", "Torch-Pruning", "sensitivity knapsack", "searched")
 
@@ -118,15 +119,13 @@ def run_config(argv: list[str]) -> RunConfig:
     return RunConfig(**{f.name: getattr(ns, f.name) for f in fields(RunConfig)})
 
 
-def search_run(argv: list[str], removed: str, seed: int, out: Path) -> RunLayout:
-    """Run (or resume) the search for this budget and seed; its best architecture is in the run directory."""
-    layout = RunLayout(out / f"search-removed-{removed.rstrip('%')}pct-seed{seed}")
-    share_tables(out, layout.root)
-    argv = [*argv, "--seed", str(seed), "--no-export", "--out", str(layout.root)]
+def search_run(argv: list[str], removed: str, seed: int, out: Path) -> RunSummary:
+    """Run (or resume) the search for this budget and seed; returns its summary (best architecture included)."""
+    run_dir = out / f"search-removed-{removed.rstrip('%')}pct-seed{seed}"
+    share_tables(out, run_dir)
+    config = run_config([*argv, "--seed", str(seed), "--no-export", "--out", str(run_dir)])
     with redirect_stdout(sys.stderr):
-        if run.main(argv) != 0:
-            raise SystemExit(f"the search for {removed} removed failed; see above")
-    return layout
+        return run_search(config)
 
 
 def share_tables(out: Path, run_dir: Path) -> None:
@@ -139,24 +138,21 @@ def share_tables(out: Path, run_dir: Path) -> None:
             shutil.copyfile(path, run_dir / path.name)
 
 
-def search_seconds(summary: dict) -> float:
+def search_seconds(summary: RunSummary) -> float:
     """First trial's start to last trial's end: the search's cost, also when a finished run was reopened."""
-    study = optuna.load_study(study_name=summary["study_name"], storage=summary["storage"])
-    trials = [t for t in study.trials if t.datetime_complete is not None]
+    trials = [t for t in open_run_study(summary).trials if t.datetime_complete is not None]
     return (max(t.datetime_complete for t in trials) - min(t.datetime_start for t in trials)).total_seconds()
 
 
-def prune_method(method: str, ctx: Context, space: SearchSpace, layout: RunLayout):
+def prune_method(method: str, ctx: Context, space: SearchSpace, summary: RunSummary | None):
     """(pruned copy of the dense model, seconds, measured candidates, note, windows measured) for one method."""
     setup = ctx.setup
     dense, calibration, batch = setup.model, setup.calibration, setup.config.batch_size
     if method == "searched":
-        summary = json.loads(layout.summary_json.read_text())
-        arch = Architecture.from_json(layout.best_architecture.read_text())
-        scores = load_or_compute(dense, calibration, setup.config.importance, layout.root, batch)  # the search's
-        return (slice_model(copy.deepcopy(dense), arch, scores), search_seconds(summary),
-                summary["trials_complete"], f"best of {summary['trials_complete']} trials",
-                summary["windows_evaluated"])
+        arch = trial_architecture(open_run_study(summary).trials[summary.best_trial])
+        scores = load_or_compute(dense, calibration, setup.config.importance, Path(summary.run_dir), batch)
+        return (slice_model(copy.deepcopy(dense), arch, scores), search_seconds(summary), summary.trials_complete,
+                f"best of {summary.trials_complete} trials", summary.windows_evaluated)
     if method == "Torch-Pruning":
         from experiments.torch_pruning_peer import prune_to_params
 
@@ -183,9 +179,9 @@ def prune_method(method: str, ctx: Context, space: SearchSpace, layout: RunLayou
     return slice_model(copy.deepcopy(dense), arch, importance, means), seconds, 0, f"{scores} scores", 0
 
 
-def measure(method: str, removed: str, ctx: Context, space: SearchSpace, layout: RunLayout | None,
+def measure(method: str, removed: str, ctx: Context, space: SearchSpace, summary: RunSummary | None,
             seed: int = 0) -> Row:
-    model, seconds, measured, note, windows = prune_method(method, ctx, space, layout)
+    model, seconds, measured, note, windows = prune_method(method, ctx, space, summary)
     params = sum(p.numel() for p in model.parameters())
     if params > space.budget:
         raise AssertionError(f"{method} kept {params:,} parameters, over the budget {space.budget:,}")
@@ -321,9 +317,9 @@ def main(argv: list[str] | None = None) -> int:
             if (removed, method, seed) in done:
                 continue
             print(f"[compare] {removed} removed: {method} (seed {seed})", file=sys.stderr)
-            layout = search_run(run_arguments(args, budget), removed, seed, out) if method == "searched" else None
+            summary = search_run(run_arguments(args, budget), removed, seed, out) if method == "searched" else None
             try:
-                rows.append(measure(method, removed, ctx, space, layout, seed))
+                rows.append(measure(method, removed, ctx, space, summary, seed))
             except Exception as err:  # a peer that breaks on this model is a result too; ours breaking is a bug
                 if method != "Torch-Pruning":
                     raise

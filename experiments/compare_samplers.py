@@ -14,8 +14,8 @@ held-out windows no trial saw. Writes results.csv, results.md and curves.png to 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+from contextlib import redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -24,19 +24,10 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from experiments.compare import run_config, share_tables
-from search import run
 from search.config import TABLE_SAMPLERS
+from search.pipeline import open_run_study, run_search
 from search.report import write_atomic
-
-
-def table_cost(argv: list[str]) -> int:
-    """Windows the run's sensitivity tables cost (0 for samplers without one). The second table's size depends
-    on the first's knapsack, so both are measured here, into the run directory the search then reuses."""
-    config = run_config(argv)
-    if config.sampler not in TABLE_SAMPLERS:
-        return 0
-    _, study, _, _ = run.start(config)
-    return study.user_attrs["sensitivity"]["windows_evaluated"]
+from search.run import tables_cost
 
 
 def curve(study: optuna.Study, start: int, per_trial: int) -> pd.DataFrame:
@@ -81,36 +72,32 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out, extra = Path(args.out), [a for a in args.search_args if a != "--"]
     per_trial = run_config(extra).search_windows
-    curves, finals = [], []
+    curves, finals, studies = [], [], []
     for seed in args.seeds:
         for sampler in args.samplers:
             run_dir = out / f"{sampler}-seed{seed}"
-            argv = [*extra, "--budget", args.budget, "--sampler", sampler, "--seed", str(seed), "--no-export",
-                    "--out", str(run_dir)]
+            config = run_config([*extra, "--budget", args.budget, "--sampler", sampler, "--seed", str(seed),
+                                 "--no-export", "--out", str(run_dir)])
             share_tables(out, run_dir)  # the tables are the same for every seed; each run still counts their cost
-            start = table_cost(argv)
-            trials = (args.windows - start) // per_trial
-            code = run.main([*argv, "--trials", str(trials)])
-            if code != 0:
-                print(f"run {run_dir} failed with exit code {code}", file=sys.stderr)
-                return code
-            study = optuna.load_study(study_name=run_dir.name, storage=f"sqlite:///{run_dir}/study.db")
-            assert start == study.user_attrs.get("sensitivity", {}).get("windows_evaluated", 0)
+            with redirect_stdout(sys.stderr):
+                summary = run_search(config, windows=args.windows)
+            study = open_run_study(summary)
+            studies.append(study)
+            start = tables_cost(study)
             c = curve(study, start, per_trial).assign(sampler=sampler, seed=seed)
             curves.append(c)
-            summary = json.loads((run_dir / "summary.json").read_text())
             at24 = c["best"].iloc[min(24, len(c)) - 1]
-            finals.append({"sampler": sampler, "seed": seed, "trials": trials, "windows": int(c["windows"].iloc[-1]),
+            finals.append({"sampler": sampler, "seed": seed, "trials": summary.trials_complete,
+                           "windows": int(c["windows"].iloc[-1]),
                            "best (search windows)": c["best"].iloc[-1], "best after 24 trials": at24,
                            "24 within 5% of final": at24 <= 1.05 * c["best"].iloc[-1],
-                           "best (held-out)": summary["best_perplexity"],
-                           "knapsack (held-out)": summary["knapsack_perplexity"]})
+                           "best (held-out)": summary.best_perplexity,
+                           "knapsack (held-out)": summary.knapsack_perplexity})
     curves, finals = pd.concat(curves), pd.DataFrame(finals)
     out.mkdir(parents=True, exist_ok=True)
     curves.to_csv(out / "curves.csv", index=False)
     finals.to_csv(out / "results.csv", index=False)
-    first = optuna.load_study(study_name=f"{args.samplers[0]}-seed{args.seeds[0]}",
-                              storage=f"sqlite:///{out}/{args.samplers[0]}-seed{args.seeds[0]}/study.db")
+    first = studies[0]
     knapsack_value = first.trials[0].value if args.samplers[0] in TABLE_SAMPLERS else None
     rivals = {"uniform (held-out)": first.user_attrs["baselines"]["uniform"]}
     if knapsack_value is not None:

@@ -64,6 +64,25 @@ def evaluate(model: PreTrainedModel, data: EvalData, batch_size: int = 8) -> Eva
     return Evaluation(ppl, accuracy)
 
 
+def validation_loss(model: PreTrainedModel, data: EvalData, batch_size: int = 8) -> float:
+    """What recovery selects on, lower is better: with task examples, minus their mean margin (the task is what
+    the user tunes for, and the margin moves where accuracy on a few dozen examples stays put); else the
+    windows' perplexity."""
+    was_training = model.training
+    model.eval()
+    try:
+        if data.tasks:
+            return -task_scores(model, data.tasks, batch_size).margin
+        return perplexity(model, data.windows, batch_size=batch_size)
+    finally:
+        model.train(was_training)
+
+
+def validation_metric(data: EvalData) -> str:
+    """The name of what `validation_loss` measures on `data`."""
+    return "-task margin" if data.tasks else "perplexity"
+
+
 @dataclass(frozen=True)
 class TaskScores:
     """lm-eval's acc and acc_norm over the examples, and the mean log-likelihood margin of the answer."""

@@ -13,11 +13,12 @@ with rows drawn from the training domains by dynamic batch loading (one domain:
 plain shuffled passes). At the end `merge_and_unload` folds B A into W, so the
 returned model is the same module tree as the input with the same parameter count.
 
-With `validation` data, recovery selects on it: perplexity is measured before the
+With `validation` data, recovery selects on it: its loss (`finetune.evaluate.validation_loss`:
+perplexity, or minus the task margin when it holds task examples) is measured before the
 first step (the sliced model: B = 0) and every `eval_every` steps, and the adapters
 of the lowest one are kept. When no step beats the sliced model, the adapters are
 removed unmerged, so the result is the sliced model, bit for bit: recovery never
-makes the validation perplexity worse. (Held-out data may still disagree; callers
+makes the validation loss worse. (Held-out data may still disagree; callers
 report both.)
 On CUDA: bf16 autocast (weights keep their dtype) and, unless the config says
 otherwise, gradient checkpointing (each decoder layer recomputed in backward).
@@ -39,7 +40,7 @@ from transformers import PreTrainedModel, get_cosine_schedule_with_warmup
 from finetune.data import IGNORE, Domain
 from finetune.distill import DenseReference
 from finetune.dynamic import DomainSampler
-from finetune.evaluate import EvalData, Evaluation, evaluate
+from finetune.evaluate import EvalData, Evaluation, evaluate, validation_loss
 from finetune.losses import TeacherTargets, next_token_losses
 
 
@@ -117,7 +118,7 @@ class RecoveryResult:
     seconds: float
     before: Evaluation | None
     after: Evaluation | None
-    validation: tuple[tuple[int, float], ...] = ()  # (step, validation perplexity); step 0 is the sliced model
+    validation: tuple[tuple[int, float], ...] = ()  # (step, validation loss); step 0 is the sliced model
     selected_step: int | None = None  # the step whose adapters were kept (0: none, the sliced model)
 
     def to_dict(self) -> dict:
@@ -174,8 +175,8 @@ class _Trainer:
     def __init__(self, model: PreTrainedModel, domains: Sequence[Domain], config: RecoveryConfig,
                  reference: DenseReference | None, validation: EvalData | None = None):
         self.domains, self.config, self.reference, self.validation = domains, config, reference, validation
-        self.checks: list[tuple[int, float]] = []  # (step, validation perplexity)
-        self.best: tuple[float, int, list[torch.Tensor]] | None = None  # (perplexity, step, trainable tensors)
+        self.checks: list[tuple[int, float]] = []  # (step, validation loss)
+        self.best: tuple[float, int, list[torch.Tensor]] | None = None  # (loss, step, trainable tensors)
         self.device = next(model.parameters()).device
         self.requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         torch.manual_seed(config.seed)
@@ -209,17 +210,17 @@ class _Trainer:
             self.sampler.step(step)
             if step in checked:
                 self._validate(step)
-            bar.set_postfix(loss=f"{loss:.4f}", **({"val_ppl": f"{self.checks[-1][1]:.3f}"} if self.checks else {}))
+            bar.set_postfix(loss=f"{loss:.4f}", **({"val": f"{self.checks[-1][1]:.3f}"} if self.checks else {}))
         return losses
 
     def _validate(self, step: int) -> None:
-        """Measure the validation perplexity now; keep a copy of the adapters when it is the lowest so far."""
+        """Measure the validation loss now; keep a copy of the adapters when it is the lowest so far."""
         if self.validation is None:
             return
-        ppl = evaluate(self.peft.get_base_model(), self.validation, self.config.batch_size).perplexity
-        self.checks.append((step, ppl))
-        if self.best is None or ppl < self.best[0]:
-            self.best = (ppl, step, [p.detach().clone() for p in self.params])
+        loss = validation_loss(self.peft.get_base_model(), self.validation, self.config.batch_size)
+        self.checks.append((step, loss))
+        if self.best is None or loss < self.best[0]:
+            self.best = (loss, step, [p.detach().clone() for p in self.params])
 
     def select_best(self) -> int:
         """Put the best validated adapters back; return their step (the last step without validation data)."""

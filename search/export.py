@@ -32,7 +32,7 @@ from finetune.data import (
     text_domain,
 )
 from finetune.distill import dense_reference
-from finetune.evaluate import EvalData, Evaluation, evaluate
+from finetune.evaluate import EvalData, Evaluation, evaluate, validation_metric
 from finetune.export import export_model
 from finetune.gguf import GGUF_TYPES, check_export, export_gguf
 from finetune.recover import RecoveryConfig, recover
@@ -41,7 +41,7 @@ from pruning.importance import Importance, load_or_compute
 from pruning.slicing import slice_model
 from search.config import EXPORT_FORMATS, RunConfig, RunLayout
 from search.objectives import task_max_len
-from search.objectives.task import HELD_OUT_SHARE
+from search.objectives.task import HELD_OUT_SHARE, search_split
 from search.setup import USER_ERRORS, Setup, prepare
 from search.trials import trial_architecture
 
@@ -62,8 +62,11 @@ class RecoveryRecord:
     recovered: Mapping[str, float] | None = None  # None with --recover-steps 0
     recovery: Mapping | None = None  # the RecoveryConfig used
     recovery_seconds: float | None = None
-    selected_step: int | None = None  # the step kept, best on the search windows (0: the untuned slice)
-    validation: tuple[tuple[int, float], ...] = ()  # (step, search-window perplexity) at every check
+    selected_step: int | None = None  # the step kept, best on the validation data (0: the untuned slice)
+    validation: tuple[tuple[int, float], ...] = ()  # (step, validation loss) at every check
+    # what the validation loss is: the search windows' "perplexity", or with --task "-task margin" on the task's
+    # search examples (which tuning then leaves out)
+    validated_on: str = "perplexity"
     notes: tuple[str, ...] = ()  # where the exported model is not simply better than the sliced one
     comparisons: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # uniform, knapsack, searched...
 
@@ -97,9 +100,10 @@ def add_recovery_arguments(p: argparse.ArgumentParser, d: RunConfig) -> argparse
     g = p.add_argument_group("recovery (LoRA after slicing)")
     g.add_argument("--recover-steps", type=int, default=d.recover_steps,
                    help="LoRA steps on the calibration text; 0 exports without tuning. Every tenth of the steps "
-                   "the search windows' perplexity is measured and the best state is exported, the untuned "
-                   "sliced model included, so recovery never makes it worse there; if held-out perplexity "
-                   "still rises, the summary says so (default: %(default)s)")
+                   "the search windows' perplexity (with --task: the task margin on its search examples, "
+                   "which tuning leaves out) is measured and the best state is exported, the untuned sliced "
+                   "model included, so recovery never makes it worse there; if held-out perplexity still "
+                   "rises, the summary says so (default: %(default)s)")
     g.add_argument("--recover-windows", type=int, default=d.recover_windows,
                    help="calibration windows to tune on (default: %(default)s)")
     g.add_argument("--lora-rank", type=int, default=d.lora_rank, help="(default: %(default)s)")
@@ -124,13 +128,18 @@ def add_format_arguments(p: argparse.ArgumentParser, d: RunConfig) -> None:
 
 
 def _tasks(config: RunConfig, tokenizer, model):
-    """(training examples encoded, held-out examples encoded) or ((), ())."""
+    """Encoded task examples (tuned on, validated on, held out), or ((), (), ()). Recovery validates on the
+    search examples (those the task objective measures trials on) and tunes on the other training examples."""
     if not config.task:
-        return (), ()
+        return (), (), ()
     examples = read_task_jsonl(config.task, TaskFormat(config.task_template, answer_prefix=config.task_answer_prefix))
     train, held = split_examples(examples, held_out=HELD_OUT_SHARE, seed=config.seed)
+    search, tune = search_split(train, config.task_search_examples)
     encode = dict(max_len=task_max_len(config, model), shots=config.shots, seed=config.seed)
-    return encode_tasks(tokenizer, train, **encode), encode_tasks(tokenizer, held, pool=train, **encode)
+    scored = all(len(ex.options) >= 2 for ex in search)  # a generation task (no options) validates on perplexity
+    return (encode_tasks(tokenizer, tune, **encode),
+            encode_tasks(tokenizer, search, pool=tune, **encode) if scored else (),
+            encode_tasks(tokenizer, held, pool=train, **encode))
 
 
 def text_domains(config: RunConfig, tokenizer) -> list:
@@ -163,10 +172,11 @@ def recover_and_export(setup: Setup, importance: Importance, arch: Architecture,
     if config.export_format == "gguf":
         check_export(arch, model.config, tokenizer, config.gguf_type)
     domains = text_domains(config, tokenizer)
-    train_tasks, held_tasks = _tasks(config, tokenizer, model)
+    train_tasks, validation_tasks, held_tasks = _tasks(config, tokenizer, model)
     if train_tasks:
         domains.append(task_domain("task", train_tasks, pad_id(tokenizer)))
-    evaluation = EvalData(setup.held_out, held_tasks)  # reported on; recovery selects on the search windows
+    evaluation = EvalData(setup.held_out, held_tasks)  # reported on
+    validation = EvalData(setup.search_windows, validation_tasks)  # recovery selects on it
     objective = setup.objective("held_out")  # built while the model is dense
 
     def measure(m) -> dict[str, float]:
@@ -178,11 +188,11 @@ def recover_and_export(setup: Setup, importance: Importance, arch: Architecture,
     fields_ = {"dense": dense, "pruned": measure(model), "comparisons": dict(comparisons or {})}
     if config.recover_steps > 0:
         settings = recovery_settings(config)
-        model, result = recover(model, domains, settings, evaluation, reference,
-                                validation=EvalData(setup.search_windows))
+        model, result = recover(model, domains, settings, evaluation, reference, validation=validation)
         fields_.update(recovered=measure(model), recovery=settings.to_dict(), recovery_seconds=round(result.seconds, 1),
                        selected_step=result.selected_step, validation=result.validation,
-                       notes=recovery_notes(result.before, result.after, result.selected_step))
+                       validated_on=validation_metric(validation),
+                       notes=recovery_notes(result.before, result.after, result.selected_step, validation))
     card = ModelCard(budget=config.budget, command=command, metrics_dense=fields_["dense"],
                      metrics_before=fields_["pruned"], metrics_after=fields_.get("recovered") or {},
                      comparisons=fields_["comparisons"])
@@ -193,11 +203,16 @@ def recover_and_export(setup: Setup, importance: Importance, arch: Architecture,
     return RecoveryRecord(export=export, **fields_)
 
 
-def recovery_notes(before: Evaluation, after: Evaluation, selected_step: int) -> tuple[str, ...]:
+def recovery_notes(before: Evaluation, after: Evaluation, selected_step: int,
+                   validation: EvalData) -> tuple[str, ...]:
     """Notes on where the exported model is not simply better than the sliced one."""
     notes = []
     if selected_step == 0:
-        notes.append("no recovery step lowered the search windows' perplexity: the sliced model is exported untuned")
+        what = "the task margin on its search examples" if validation.tasks else "the search windows' perplexity"
+        notes.append(f"no recovery step improved {what}: the sliced model is exported untuned")
+    if before.task_accuracy is not None and after.task_accuracy < before.task_accuracy:
+        notes.append(f"held-out task accuracy is lower after recovery ({before.task_accuracy:.3f} sliced, "
+                     f"{after.task_accuracy:.3f} exported)")
     if after.perplexity > before.perplexity:
         notes.append(f"held-out perplexity is worse after recovery ({before.perplexity:.3f} sliced, "
                      f"{after.perplexity:.3f} exported): the held-out text differs from the training and search "

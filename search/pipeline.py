@@ -1,6 +1,7 @@
 """The search as library calls: what `python -m search.run` does, for experiments and notebooks.
 
     summary = run_search(RunConfig(budget="50%", trials=12, objective="task", task="qa.jsonl", export=False))
+    summary = run_search(RunConfig(budget="50%", export=False), windows=1536)  # trials fill 1,536 windows
     summary.objective_values["searched"]            # held-out metrics of the best candidate
     run_measurements(summary)                       # every trial as a `search.trials.Measurement`
     record = recover_architecture(config, arch, out)  # slice, LoRA-recover and export any architecture
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import shlex
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -22,17 +24,23 @@ from pruning.importance import load_or_compute
 from search.config import RunConfig
 from search.export import RecoveryRecord, recover_and_export
 from search.report import RunSummary
-from search.run import execute, start
+from search.run import execute, start, tables_cost
 from search.setup import prepare
 from search.study import open_storage
 from search.trials import Measurement, measurements
 
 
-def run_search(config: RunConfig, command: str | None = None) -> RunSummary:
+def run_search(config: RunConfig, command: str | None = None, windows: int | None = None) -> RunSummary:
     """Search (resuming the run directory `config.out` when it exists), summarise and, with `config.export`,
-    slice, recover and export; returns the run's summary. `command` is recorded in the model card."""
+    slice, recover and export; returns the run's summary. `command` is recorded in the model card.
+
+    `windows`: a cost in evaluation windows instead of `config.trials`: the trials are what is left of it after
+    the sensitivity tables (their size is known only once the first table's knapsack is), at
+    `config.search_windows` each, and at least one."""
     started = time.time()
     setup, study, importance, sensitivity = start(config)
+    if windows is not None:
+        setup.config = replace(config, trials=max(1, (windows - tables_cost(study)) // config.search_windows))
     argv = shlex.split(command) if command else ["--out", str(setup.layout.root)]
     return execute(setup, study, importance, sensitivity, argv, started)
 

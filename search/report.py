@@ -98,8 +98,8 @@ class RunSummary:
         if self.recovery:
             r = self.recovery
             tuned = r.final["perplexity"]
-            selected = (f" (step {r.selected_step} kept, best on the search windows)"
-                        if r.selected_step is not None else "")
+            on = "the task margin on its search examples" if r.validated_on != "perplexity" else "the search windows"
+            selected = f" (step {r.selected_step} kept, best on {on})" if r.selected_step is not None else ""
             recovery = (
                 f"\n**Exported model**: `{r.export}` — perplexity {tuned:.3f} after {r.steps} LoRA steps{selected} "
                 f"(sliced {r.pruned['perplexity']:.3f}, dense {r.dense['perplexity']:.3f}; "

@@ -252,6 +252,11 @@ def sensitivity_tables(
     return dense, local
 
 
+def tables_cost(study: optuna.Study) -> int:
+    """Evaluation windows the run's sensitivity tables cost (0 for a sampler without them)."""
+    return study.user_attrs.get("sensitivity", {}).get("windows_evaluated", 0)
+
+
 def baselines(
     study: optuna.Study, setup: Setup, importance: Importance, sensitivity: SensitivityTable | None
 ) -> dict[str, float]:
@@ -336,7 +341,7 @@ def finish(study: optuna.Study, setup: Setup, importance: Importance, sensitivit
         builder = study.sampler.features if isinstance(study.sampler, PredictorSampler) else FeatureBuilder(importance)
         features = builder.table(archs)
         AccuracyPredictor(seed=c.seed).fit(features, values).save(layout.predictor)
-    table_cost = study.user_attrs.get("sensitivity", {}).get("windows_evaluated", 0)
+    table_cost = tables_cost(study)
     complete = count_trials(study, TrialState.COMPLETE)
     failed = sum(t.state == TrialState.FAIL and is_measurement(t) for t in study.trials)
     tau, pairs = own_kendall(study)

@@ -128,6 +128,30 @@ def test_validation_keeps_the_best_checked_state():
     assert recover_module.evaluate(out, EvalData(windows[:4]), 4).perplexity == pytest.approx(ppls[best], rel=1e-4)
 
 
+def test_validation_with_task_examples_selects_on_their_margin():
+    from finetune.evaluate import task_scores
+
+    tok = char_tokenizer()
+    fmt = TaskFormat(template="{q}=")
+    rows = [{"q": f"{a}{b}", "answer": str(a), "options": [str(d) for d in range(10)]}  # copy the first digit
+            for a in range(10) for b in range(3)]
+    encoded = encode_tasks(tok, tuple(fmt.example(r) for r in rows), max_len=40, shots=2, seed=0)
+    validation = EvalData(pattern_windows()[:2], encoded[:8])
+    model, arch, importance = sliced()
+    slice_model(model, arch, importance)
+    sliced_margin = task_scores(model, validation.tasks, 4).margin
+    config = RecoveryConfig(steps=20, eval_every=5, **FAST)
+    # validated on examples it tunes on: this checks what is selected, not how well it generalises
+    out, result = recover(model, [task_domain("arith", encoded, tok.pad_token_id)], config, progress=False,
+                          validation=validation)
+    steps, losses = zip(*result.validation, strict=True)
+    assert steps == (0, 5, 10, 15, 20)
+    assert losses[0] == pytest.approx(-sliced_margin, rel=1e-6)  # the loss is minus the margin, not perplexity
+    best = min(range(len(losses)), key=losses.__getitem__)
+    assert result.selected_step == steps[best] > 0
+    assert -task_scores(out, validation.tasks, 4).margin == pytest.approx(losses[best], rel=1e-4, abs=1e-4)
+
+
 def test_recovery_that_only_hurts_validation_hands_back_the_sliced_model():
     model, arch, importance = sliced()
     slice_model(model, arch, importance)

@@ -52,3 +52,18 @@ def test_recover_architecture_slices_and_exports_any_architecture(tiny_model_dir
     assert record.dense["perplexity"] == pytest.approx(perplexity(setup.model, setup.held_out), rel=1e-6)
     with masked(setup.model, arch, importance):
         assert record.pruned["perplexity"] == pytest.approx(perplexity(setup.model, setup.held_out), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_a_window_budget_sets_the_trials_after_the_tables(tiny_model_dir, tmp_path):
+    from search.run import tables_cost
+
+    parsed = build_parser().parse_args(args(tiny_model_dir, tmp_path / "run", "--budget", "75%",
+                                            "--sensitivity-points", "3"))
+    config = RunConfig(**{f.name: getattr(parsed, f.name) for f in fields(RunConfig)})
+    # 1 trial, to learn what the tables cost; then a budget of the tables and 5 trials of 4 windows, with 3 to spare
+    tables = tables_cost(open_run_study(run_search(replace(config, out=str(tmp_path / "probe")), windows=1)))
+    assert tables > 0
+    summary = run_search(config, windows=tables + 5 * 4 + 3)
+    assert summary.trials_complete == 5
+    assert summary.windows_evaluated == tables + 5 * 4

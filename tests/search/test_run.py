@@ -226,15 +226,20 @@ def test_peer_samplers_search_the_same_space(tiny_model_dir, tmp_path, sampler):
 
 
 def test_recovery_notes_say_when_the_export_is_not_better():
-    from finetune.evaluate import Evaluation
+    import torch
+
+    from finetune.evaluate import EvalData, Evaluation
     from search.export import recovery_notes
 
-    assert recovery_notes(Evaluation(20.0), Evaluation(18.0), 40) == ()
-    assert recovery_notes(Evaluation(20.0), Evaluation(20.0), 0) == (
-        "no recovery step lowered the search windows' perplexity: the sliced model is exported untuned",)
-    worse = recovery_notes(Evaluation(133.3), Evaluation(155.3), 20)
+    text = EvalData(torch.zeros(1, 4, dtype=torch.long))
+    assert recovery_notes(Evaluation(20.0), Evaluation(18.0), 40, text) == ()
+    assert recovery_notes(Evaluation(20.0), Evaluation(20.0), 0, text) == (
+        "no recovery step improved the search windows' perplexity: the sliced model is exported untuned",)
+    worse = recovery_notes(Evaluation(133.3), Evaluation(155.3), 20, text)
     assert len(worse) == 1 and worse[0].startswith("held-out perplexity is worse after recovery (133.300 sliced, "
                                                    "155.300 exported)")
+    task = recovery_notes(Evaluation(20.0, 0.5), Evaluation(19.0, 0.4), 20, text)
+    assert task == ("held-out task accuracy is lower after recovery (0.500 sliced, 0.400 exported)",)
 
 
 @pytest.mark.slow
