@@ -1,7 +1,7 @@
 """Evidence: our searched architecture against uniform, importance-threshold (FLAP) and Torch-Pruning.
 
-    python -m experiments.compare --removed 20% 35% 50% [--model DIR] [--trials 48] [--out runs/compare]
-                                  [-- search.run arguments, e.g. --seq-len 128 --recover-steps 200]
+    python -m experiments.compare --removed 20% 35% 50% [--model DIR] [--trials 48 | --windows 1536]
+                                  [--out runs/compare] [-- search.run arguments, e.g. --seq-len 128 --recover-steps 200]
 
 `-- --recover-steps 0` compares before recovery only (the + LoRA columns stay empty).
 
@@ -13,7 +13,8 @@ For each share of parameters removed, on the same model, calibration and evaluat
 - Torch-Pruning:      its own LLM recipe (`experiments.torch_pruning_peer`), needs `pip install ".[bench]"`;
 - sensitivity knapsack: each sublayer measured alone at each of a few sizes (`pruning.sensitivity`, on the
                       search's sensitivity windows), one size per sublayer chosen by a knapsack (`search.knapsack`);
-- searched:           `python -m search.run` with the default sampler and --trials measured candidates, once per
+- searched:           `python -m search.run` with the default sampler and --trials measured candidates (or as
+                      many as fill --windows evaluation windows after its sensitivity tables), once per
                       --seeds value;
 
 each sliced to at most the same parameter count, then given the same LoRA recovery (the
@@ -119,13 +120,14 @@ def run_config(argv: list[str]) -> RunConfig:
     return RunConfig(**{f.name: getattr(ns, f.name) for f in fields(RunConfig)})
 
 
-def search_run(argv: list[str], removed: str, seed: int, out: Path) -> RunSummary:
-    """Run (or resume) the search for this budget and seed; returns its summary (best architecture included)."""
+def search_run(argv: list[str], removed: str, seed: int, out: Path, windows: int | None = None) -> RunSummary:
+    """Run (or resume) the search for this budget and seed; returns its summary (best architecture included).
+    `windows`: the search's cost in evaluation windows (tables included) instead of argv's --trials."""
     run_dir = out / f"search-removed-{removed.rstrip('%')}pct-seed{seed}"
     share_tables(out, run_dir)
     config = run_config([*argv, "--seed", str(seed), "--no-export", "--out", str(run_dir)])
     with redirect_stdout(sys.stderr):
-        return run_search(config)
+        return run_search(config, windows=windows)
 
 
 def share_tables(out: Path, run_dir: Path) -> None:
@@ -262,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--removed", nargs="+", default=["20%", "35%", "50%"], help="shares of parameters to remove")
     p.add_argument("--model", default=d.model, help="(default: the shipped reference model)")
     p.add_argument("--trials", type=int, default=48, help="candidates the search measures (default: %(default)s)")
+    p.add_argument("--windows", type=int, help="instead of --trials: each search's cost in evaluation windows, its "
+                   "sensitivity tables included (48 trials x 32 windows = 1536)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="one search per seed (default: %(default)s)")
     p.add_argument("--out", default="runs/compare")
@@ -290,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         budgets = [kept_budget(r) for r in args.removed]
         base = run_config(run_arguments(args, budgets[0]))
         settings = json.loads(json.dumps({k: v for k, v in asdict(base).items() if k not in ("budget", "out")}))
+        if args.windows is not None:
+            settings["windows"] = args.windows
         if "Torch-Pruning" in args.methods:
             import torch_pruning  # noqa: F401  (fail now, not after an hour)
         saved = json.loads(results_path.read_text()) if results_path.exists() else {"settings": settings, "rows": []}
@@ -317,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
             if (removed, method, seed) in done:
                 continue
             print(f"[compare] {removed} removed: {method} (seed {seed})", file=sys.stderr)
-            summary = search_run(run_arguments(args, budget), removed, seed, out) if method == "searched" else None
+            summary = (search_run(run_arguments(args, budget), removed, seed, out, args.windows)
+                       if method == "searched" else None)
             try:
                 rows.append(measure(method, removed, ctx, space, summary, seed))
             except Exception as err:  # a peer that breaks on this model is a result too; ours breaking is a bug

@@ -63,7 +63,7 @@ def base_config(args, budget: str, out: Path, **overrides) -> RunConfig:
 
 def held_out_accuracy(record) -> dict[str, float]:
     return {"dense": record.dense["task_accuracy"], "pruned": record.pruned["task_accuracy"],
-            "recovered": record.final["task_accuracy"]}
+            "recovered": record.final["task_accuracy"], "kept step": record.selected_step}
 
 
 def replication(args, out: Path) -> list[dict]:
@@ -206,16 +206,18 @@ def markdown(args, rows: list[dict], study: dict | None) -> str:
              "share of the dense model's on the same examples. Searches choose on "
              f"{args.search_windows} search windows (perplexity) or {args.search_examples} search examples "
              f"(task: accuracy, predictor learning the margin) in {args.trials} trials; every pruning then gets "
-             f"the same task LoRA ({args.steps} steps, calibration text + task training examples, 1 shot).", ""]
+             f"the same task LoRA ({args.steps} steps, calibration text + task training examples, 1 shot), "
+             f"which keeps the step with the best task margin on the {args.search_examples} search examples "
+             "(left out of its training; step 0 is the untuned slice).", ""]
     if rows:
-        lines += ["| removed | method | params | dense acc | pruned acc | + task LoRA | share of dense | target |",
-                  "|---|---|---:|---:|---:|---:|---:|---|"]
+        lines += ["| removed | method | params | dense acc | pruned acc | + task LoRA | LoRA step kept "
+                  "| share of dense | target |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
         for r in rows:
             removed = 100 - float(r["budget"].rstrip("%"))
             target = 95.7 if removed <= 20 else 86.5
             share = r["recovered"] / r["dense"]
             lines.append(f"| {removed:.0f}% | {r['method']} | {r['params']:,} | {r['dense']:.3f} | "
-                         f"{r['pruned']:.3f} | {r['recovered']:.3f} | {share:.1%} | "
+                         f"{r['pruned']:.3f} | {r['recovered']:.3f} | {r.get('kept step', '')} | {share:.1%} | "
                          f"{'met' if share * 100 >= target else 'missed'} (≥{target}%) |")
         lines.append("")
     if study:

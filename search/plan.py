@@ -37,6 +37,10 @@ A trial measures `--search-windows` windows at full width (masking zeroes, it do
 
     flops ≈ windows·T·(2·P_layers + 2·L·T·n_q·d + 2·H·V)
     seconds ≥ flops / rate, rate = a measured 1024³ matmul at the run's dtype on the device (a lower bound)
+
+The samplers that start from sensitivity tables (predictor, knapsack) first measure the dense table,
+(options + 1)·--sensitivity-windows windows, and with --local-table a second one around its knapsack,
+at most (every grid size of every sublayer + 1)·--sensitivity-windows: the plan counts that bound.
 """
 
 from __future__ import annotations
@@ -49,8 +53,9 @@ import torch
 
 from pruning import adapter
 from pruning.architecture import Architecture, format_count
+from pruning.sensitivity import Grid
 from search.budget import parse_budget
-from search.config import ConfigError, RunConfig
+from search.config import TABLE_SAMPLERS, ConfigError, RunConfig
 from search.setup import run_dtype
 from search.space import SearchSpace
 
@@ -90,6 +95,7 @@ class Plan:
     trial_tokens: int
     trial_flops: float
     trial_seconds: float | None
+    table_windows: int = 0  # the sensitivity tables' windows (the local one's upper bound), before any trial
 
     def problem(self) -> Stage | None:
         """The first stage this run goes through that does not fit the device (or the host), or None."""
@@ -116,6 +122,11 @@ class Plan:
             + (f", host memory {_gib(self.host_capacity_bytes)}\n" if self.device != "cpu" else "\n") +
             f"  trial: {self.trial_windows} windows, {format_count(self.trial_tokens)} tokens, "
             f"{self.trial_flops:.3g} FLOPs, {seconds}\n"
+            + (f"  sensitivity tables: at most {self.table_windows:,} windows "
+               f"(= {self.table_windows / self.trial_windows:.0f} trials)"
+               + ("" if self.trial_seconds is None else
+                  f", >= {self.trial_seconds * self.table_windows / self.trial_windows:.1f} s") + "\n"
+               if self.table_windows else "") +
             f"  peak per stage:\n{rows}\n  verdict: {verdict}"
         )
 
@@ -249,7 +260,18 @@ def make_plan(config: RunConfig, device: torch.device, capacity: int | None = No
         weight_bytes=params * s, stages=stages(shape, config, s, cuda, params, budget),
         verdict_stages=verdict_stages(config, cuda), trial_windows=config.search_windows, trial_tokens=tokens,
         trial_flops=float(flops), trial_seconds=flops / rate if rate > 0 else None,
+        table_windows=table_windows(config, spec),
     )
+
+
+def table_windows(config: RunConfig, spec) -> int:
+    """Windows the run's sensitivity tables cost before its first trial (the local table's upper bound)."""
+    if config.sampler not in TABLE_SAMPLERS:
+        return 0
+    grid = Grid.spread(spec, config.sensitivity_points)
+    windows = min(config.sensitivity_windows, config.search_windows)
+    local = (spec.num_layers * (len(grid.attention) + len(grid.ffn)) + 1) * windows if config.local_table else 0
+    return grid.windows_evaluated(spec, windows) + local
 
 
 def check_fits(plan: Plan, config: RunConfig) -> None:
