@@ -10,7 +10,11 @@ loss over the base on a few windows is the cost of that choice:
 
 A table around a pruned base (the knapsack of the dense table, say) measures each sublayer in
 the context the search actually works in: how much an FFN costs to cut when its neighbours are
-already cut, and how much one gains when it is given back (a negative cost).
+already cut, and how much one gains when it is given back (a negative cost). With `reach` it
+measures only the `reach` grid sizes nearest the base's on each side of it, where a search around
+the base moves, and reads sizes farther out off another table (the dense one): that table's
+curve continued from the farthest size measured, which costs a fraction of a full table on deep
+models.
 
 Sizes are measured on a grid (`Grid`: every attention level when a layer has at most `points`
 of them, else `points` spread evenly in kept parameters; FFN widths k/points of the full
@@ -66,19 +70,46 @@ class Grid:
         ffn = sorted({round(width * k / points) for k in range(points)} | {width})
         return cls(((0, 0), *levels), tuple(ffn))
 
-    def windows_evaluated(self, spec: ModelSpec, windows: int, base: Architecture | None = None) -> int:
+    def windows_evaluated(self, spec: ModelSpec, windows: int, base: Architecture | None = None,
+                          reach: int | None = None) -> int:
         """Evaluation windows a table on `windows` windows costs: every option, plus the base's pass."""
-        return (len(self.options(spec, base)) + 1) * windows
+        return (len(self.options(spec, base, reach)) + 1) * windows
 
-    def options(self, spec: ModelSpec, base: Architecture | None = None) -> list[tuple[str, int, LayerShape]]:
-        """(kind, layer, the layer's shape) of every measurement: each sublayer at each grid size but the base's."""
+    def shapes(self, kind: str, here: LayerShape) -> list[LayerShape]:
+        """The layer `here` with one sublayer (`kind`) at each grid size, ascending."""
+        if kind == "attention":
+            return [replace(here, kv_heads=kv, heads_per_group=h) for kv, h in self.attention]
+        return [replace(here, ffn_channels=c) for c in self.ffn]
+
+    def sizes(self, spec: ModelSpec, kind: str, here: LayerShape) -> tuple[np.ndarray, float]:
+        """(parameters the sublayer keeps at each grid size (P,), at `here`'s own size)."""
+        return sublayer_params(spec, kind, self.shapes(kind, here)), float(sublayer_params(spec, kind, [here])[0])
+
+    def options(self, spec: ModelSpec, base: Architecture | None = None,
+                reach: int | None = None) -> list[tuple[str, int, LayerShape]]:
+        """(kind, layer, the layer's shape) of every measurement: each sublayer at each grid size but the base's,
+        or with `reach` only the `reach` nearest below and above the base's (and any of its parameter count)."""
         base = base or Architecture.full(spec)
         out = []
         for i, here in enumerate(base.layers):
-            out += [("attention", i, replace(here, kv_heads=kv, heads_per_group=h)) for kv, h in self.attention
-                    if (kv, h) != (here.kv_heads, here.heads_per_group)]
-            out += [("ffn", i, replace(here, ffn_channels=c)) for c in self.ffn if c != here.ffn_channels]
+            for kind in ("attention", "ffn"):
+                x, own = self.sizes(spec, kind, here)
+                near = set(range(len(x))) if reach is None else _near(x, own, reach)
+                out += [(kind, i, s) for j, s in enumerate(self.shapes(kind, here)) if j in near and s != here]
         return out
+
+
+def sublayer_params(spec: ModelSpec, kind: str, shapes: list[LayerShape]) -> np.ndarray:
+    """(len(shapes),) parameters one sublayer (`kind`) keeps in each layer shape."""
+    if kind == "attention":
+        return np.array([spec.attention_params(s.kv_heads, s.heads_per_group) for s in shapes], dtype=float)
+    return np.array([spec.mlp_params(s.ffn_channels) for s in shapes], dtype=float)
+
+
+def _near(x: np.ndarray, own: float, reach: int) -> set[int]:
+    """Indices of ascending sizes `x` within `reach` places of `own` on either side, and those equal to it."""
+    below, above = np.flatnonzero(x < own), np.flatnonzero(x > own)
+    return {*below[max(0, len(below) - reach):].tolist(), *above[:reach].tolist(), *np.flatnonzero(x == own).tolist()}
 
 
 @dataclass(frozen=True)
@@ -92,6 +123,7 @@ class SensitivityTable:
     ffn: dict[str, np.ndarray]
     loss: str = "nll"  # which loss the costs read
     base: Architecture | None = None  # what the other sublayers keep while one is measured; None: the dense model
+    reach: int | None = None  # grid sizes measured on each side of the base's; None: all (see `measure_sensitivity`)
 
     def __post_init__(self) -> None:
         if self.loss not in self.attention:
@@ -112,27 +144,23 @@ class SensitivityTable:
         return self.attention[self.loss].shape[-1]
 
     def measurements(self) -> int:
-        return len(self.grid.options(self.spec, self.base))
+        return len(self.grid.options(self.spec, self.base, self.reach))
 
     def windows_evaluated(self) -> int:
-        return self.grid.windows_evaluated(self.spec, self.windows, self.base)
+        return self.grid.windows_evaluated(self.spec, self.windows, self.base, self.reach)
 
     def using(self, loss: str | None = None, windows: int | None = None) -> SensitivityTable:
         """The same table reading `loss`, on its first `windows` windows."""
         cut = slice(None, windows)
         return SensitivityTable(self.spec, self.grid, {k: v[..., cut] for k, v in self.attention.items()},
-                                {k: v[..., cut] for k, v in self.ffn.items()}, loss or self.loss, self.base)
+                                {k: v[..., cut] for k, v in self.ffn.items()}, loss or self.loss, self.base,
+                                self.reach)
 
     def _curve(self, kind: str, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """(kept parameters (P,), monotone cost (P,)) of one sublayer's grid and the base's size, ascending."""
-        s, here = self.spec, self.base_architecture.layers[layer]
-        if kind == "attention":
-            x, rise = [s.attention_params(*p) for p in self.grid.attention], self.attention[self.loss][layer]
-            own = s.attention_params(here.kv_heads, here.heads_per_group)
-        else:
-            x, rise = [s.mlp_params(c) for c in self.grid.ffn], self.ffn[self.loss][layer]
-            own = s.mlp_params(here.ffn_channels)
-        x, cost = np.array(x, dtype=float), rise.mean(-1)
+        here = self.base_architecture.layers[layer]
+        x, own = self.grid.sizes(self.spec, kind, here)
+        cost = getattr(self, kind)[self.loss][layer].mean(-1)
         if own not in x:  # the base's size between grid points costs nothing by definition
             at = int(np.searchsorted(x, own))
             x, cost = np.insert(x, at, own), np.insert(cost, at, 0.0)
@@ -173,14 +201,22 @@ def measure_sensitivity(
     batch_size: int = 8,
     cache_dir: str | Path | None = None,
     base: Architecture | None = None,
+    reach: int | None = None,
+    far: SensitivityTable | None = None,
 ) -> SensitivityTable:
     """Measure every option of `grid` around `base` (default: the dense model) on `windows` (N, T); costs N
-    windows per option, plus the base's pass."""
+    windows per option, plus the base's pass.
+
+    `reach`: measure only the `reach` grid sizes nearest the base's on each side; a size farther out reads the
+    rise of the farthest one measured on its side plus `far`'s difference between the two (`far`: a table on the
+    same grid and windows, the dense one, say), so the local curve near the base continues with far's shape."""
     unknown = set(losses) - set(LOSSES)
     if unknown or not losses:
         raise ValueError(f"losses must be some of {LOSSES}, got {losses}")
+    if reach is not None and (reach < 1 or far is None):
+        raise ValueError(f"a table with reach needs reach >= 1 and a far table to continue; got reach={reach}")
     spec = importance.spec
-    path = _cache_path(model, importance, windows, grid, losses, cache_dir, base)
+    path = _cache_path(model, importance, windows, grid, losses, cache_dir, base, reach)
     done = json.loads(path.read_text()) if path is not None and path.exists() else {}
     reference = next_token_logprobs(model, windows, batch_size) if "kl" in losses else None
     if base is None:
@@ -190,7 +226,7 @@ def measure_sensitivity(
         with masked(model, base, importance):
             before = window_losses(model, windows, batch_size, reference)
     around = base or Architecture.full(spec)
-    for kind, layer, shape in tqdm(grid.options(spec, base), desc="sensitivity", unit="option", leave=False):
+    for kind, layer, shape in tqdm(grid.options(spec, base, reach), desc="sensitivity", unit="option", leave=False):
         key = _option_key(kind, layer, shape)
         if key in done:
             continue
@@ -200,24 +236,33 @@ def measure_sensitivity(
         done[key] = {loss: (got[loss] - before[loss]).tolist() for loss in losses}
         if path is not None:
             _write_atomic(path, json.dumps(done))
-    return _table(spec, grid, losses, done, base, len(windows))
+    return _table(spec, grid, losses, done, base, len(windows), reach, far)
 
 
 def _table(spec: ModelSpec, grid: Grid, losses: tuple[str, ...], done: dict, base: Architecture | None,
-           n_windows: int) -> SensitivityTable:
-    """Arrays over the whole grid from the measured options; the base's own sizes read 0."""
-    around, zero = base or Architecture.full(spec), [0.0] * n_windows
+           n_windows: int, reach: int | None, far: SensitivityTable | None) -> SensitivityTable:
+    """Arrays over the whole grid from the measured options; the base's own sizes read 0, sizes beyond reach
+    continue from the farthest measured one along `far`."""
+    around = base or Architecture.full(spec)
 
-    def rise(kind: str, layer: int, shape: LayerShape, loss: str) -> list[float]:
-        return zero if shape == around.layers[layer] else done[_option_key(kind, layer, shape)][loss]
+    def row(kind: str, layer: int, loss: str) -> np.ndarray:  # (P, N) one sublayer's rises over the grid
+        here, shapes = around.layers[layer], grid.shapes(kind, around.layers[layer])
+        measured = {j: done[key][loss] for j, s in enumerate(shapes)
+                    if s != here and (key := _option_key(kind, layer, s)) in done}
+        out = np.array([np.zeros(n_windows) if s == here else measured.get(j, np.full(n_windows, np.nan))
+                        for j, s in enumerate(shapes)])
+        if np.isnan(out).any():  # beyond reach
+            x, own = grid.sizes(spec, kind, here)
+            curve = getattr(far, kind)[loss][layer]
+            for j in np.flatnonzero(np.isnan(out[:, 0])):
+                side = [k for k in measured if (x[k] < own) == (x[j] < own)]
+                edge = min(side) if x[j] < own else max(side)
+                out[j] = out[edge] + curve[j] - curve[edge]
+        return out
 
-    attention, ffn = {}, {}
-    for loss in losses:
-        attention[loss] = np.array([[rise("attention", i, replace(here, kv_heads=kv, heads_per_group=h), loss)
-                                     for kv, h in grid.attention] for i, here in enumerate(around.layers)])
-        ffn[loss] = np.array([[rise("ffn", i, replace(here, ffn_channels=c), loss) for c in grid.ffn]
-                              for i, here in enumerate(around.layers)])
-    return SensitivityTable(spec, grid, attention, ffn, losses[0], base)
+    arrays = {kind: {loss: np.array([row(kind, i, loss) for i in range(spec.num_layers)]) for loss in losses}
+              for kind in ("attention", "ffn")}
+    return SensitivityTable(spec, grid, arrays["attention"], arrays["ffn"], losses[0], base, reach)
 
 
 def _option_key(kind: str, layer: int, shape: LayerShape) -> str:
@@ -225,10 +270,11 @@ def _option_key(kind: str, layer: int, shape: LayerShape) -> str:
     return f"{kind}:{layer}:{size}"
 
 
-def _cache_path(model, importance, windows, grid, losses, cache_dir, base) -> Path | None:
+def _cache_path(model, importance, windows, grid, losses, cache_dir, base, reach) -> Path | None:
     if cache_dir is None:
         return None
-    around = [] if base is None else [base.to_json()]  # dense tables keep the keys they always had
+    # dense and full tables keep the keys they always had
+    around = ([] if base is None else [base.to_json()]) + ([] if reach is None else [reach])
     h = hashlib.sha256(json.dumps([CACHE_VERSION, grid.attention, grid.ffn, sorted(losses), *around]).encode())
     h.update((cache_key(model, windows, importance.method) + importance.digest()).encode())
     return Path(cache_dir) / f"sensitivity-{h.hexdigest()[:20]}.json"

@@ -38,6 +38,7 @@ class RunConfig:
     sensitivity_windows: int = 4  # search windows each sensitivity-table entry is measured on (at most all)
     sensitivity_points: int = 8  # kept sizes measured per sublayer
     local_table: bool = True  # measure a second table around the dense table's knapsack; the search starts there
+    local_reach: int = 2  # grid sizes it measures on each side of the knapsack's; farther ones follow the dense table
     sampler: str = "predictor"
     n_startup: int = 8
     ffn_step: int | None = None  # None: 8, or the GGUF type's block (32 for q8_0) with export_format "gguf"
@@ -95,6 +96,7 @@ class RunConfig:
             (self.calibration_windows >= 1 and self.search_windows >= 1, "window counts must be at least 1"),
             (self.sensitivity_windows >= 1, f"--sensitivity-windows must be >= 1, got {self.sensitivity_windows}"),
             (self.sensitivity_points >= 2, f"--sensitivity-points must be at least 2, got {self.sensitivity_points}"),
+            (self.local_reach >= 1, f"--local-reach must be at least 1, got {self.local_reach}"),
             (
                 self.device in ("auto", "cpu") or self.device.startswith("cuda"),
                 f"--device must be auto, cpu or cuda[:N], got {self.device!r}",

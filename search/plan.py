@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass, replace
 
 import torch
@@ -265,12 +266,20 @@ def make_plan(config: RunConfig, device: torch.device, capacity: int | None = No
 
 
 def table_windows(config: RunConfig, spec) -> int:
-    """Windows the run's sensitivity tables cost before its first trial (the local table's upper bound)."""
+    """Windows the run's sensitivity tables cost before its first trial (the local table's upper bound: per
+    sublayer `local_reach` grid sizes each side of the knapsack's, and those of its parameter count)."""
     if config.sampler not in TABLE_SAMPLERS:
         return 0
     grid = Grid.spread(spec, config.sensitivity_points)
     windows = min(config.sensitivity_windows, config.search_windows)
-    local = (spec.num_layers * (len(grid.attention) + len(grid.ffn)) + 1) * windows if config.local_table else 0
+    local = 0
+    if config.local_table:
+        full = Architecture.full(spec).layers[0]
+        for kind in ("attention", "ffn"):
+            params = grid.sizes(spec, kind, full)[0]
+            ties = max(Counter(params.tolist()).values())
+            local += spec.num_layers * min(len(params), 2 * config.local_reach + ties)
+        local = (local + 1) * windows
     return grid.windows_evaluated(spec, windows) + local
 
 

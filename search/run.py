@@ -126,7 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=d.local_table,
         help="also measure a table around the first table's knapsack (each sublayer moved while the others stay "
-        "pruned) and start the search from its knapsack; costs about as much as the first (default: %(default)s)",
+        "pruned) and start the search from its knapsack (default: %(default)s)",
+    )
+    p.add_argument(
+        "--local-reach",
+        type=int,
+        default=d.local_reach,
+        help="grid sizes the local table measures on each side of the knapsack's size, per sublayer; sizes farther "
+        "out follow the first table's curve. --sensitivity-points or more measures them all, at about the first "
+        "table's cost (default: %(default)s)",
     )
     p.add_argument(
         "--n-startup", type=int, default=d.n_startup, help="trials before the predictor guides (default: %(default)s)"
@@ -203,7 +211,7 @@ def identity(setup: Setup) -> dict:
         "importance": c.importance,
         "seq_len": c.seq_len,
         "sampler": c.sampler,
-        "sensitivity": [c.sensitivity_windows, c.sensitivity_points, c.local_table]
+        "sensitivity": [c.sensitivity_windows, c.sensitivity_points, c.local_table and c.local_reach]
         if c.sampler in TABLE_SAMPLERS else None,
         **({} if c.objective == "perplexity" else {"objective_settings": objective_settings(c)}),
     }
@@ -228,18 +236,18 @@ def sensitivity_tables(
     study: optuna.Study, setup: Setup, importance: Importance
 ) -> tuple[SensitivityTable, SensitivityTable | None]:
     """The per-sublayer table around the dense model and, with `local_table`, a second one around the first's
-    knapsack, each on `sensitivity_windows` of the search windows (cached in the run directory). Their cost in
-    windows is stored on the study."""
+    knapsack (`local_reach` sizes each side of it), each on `sensitivity_windows` of the search windows (cached in
+    the run directory). Their cost in windows is stored on the study."""
     c = setup.config
     started = time.perf_counter()
     grid, windows = Grid.spread(setup.space.spec, c.sensitivity_points), table_windows(setup)
 
-    def measure(base: Architecture | None) -> SensitivityTable:
+    def measure(**around) -> SensitivityTable:
         return measure_sensitivity(setup.model, importance, windows, grid, ("nll",), c.batch_size, setup.layout.root,
-                                   base)
+                                   **around)
 
-    dense = measure(None)
-    local = measure(knapsack(setup.space, dense)) if c.local_table else None
+    dense = measure()
+    local = measure(base=knapsack(setup.space, dense), reach=c.local_reach, far=dense) if c.local_table else None
     if "sensitivity" not in study.user_attrs:
         tables = [t for t in (dense, local) if t is not None]
         study.set_user_attr("sensitivity", {

@@ -66,6 +66,30 @@ def test_a_table_around_a_base_measures_moves_from_it_and_reads_zero_at_it(model
     assert table.windows_evaluated() == (table.measurements() + 1) * len(windows)
 
 
+def test_a_table_with_reach_measures_the_nearest_sizes_and_continues_along_the_far_table(model_and_scores, windows):
+    model, scores = model_and_scores
+    spec, grid = scores.spec, Grid.spread(scores.spec, points=4)  # FFN grid 0, 10, 20, 30, 40
+    base = Architecture(spec, (LayerShape(1, 3, 10), LayerShape(2, 3, 25), LayerShape(0, 0, 40)))
+    dense = measure_sensitivity(model, scores, windows, grid)
+    full = measure_sensitivity(model, scores, windows, grid, base=base)
+    near = measure_sensitivity(model, scores, windows, grid, base=base, reach=1, far=dense)
+    # FFN: layer 0 (10) measures 0 and 20; layer 1 (25, off the grid) 20 and 30; layer 2 (40) only 30
+    measured_ffn = {0: [0, 2], 1: [2, 3], 2: [3]}
+    for i, cols in measured_ffn.items():
+        np.testing.assert_array_equal(near.ffn["nll"][i, cols], full.ffn["nll"][i, cols])
+    # beyond reach: the farthest measured rise plus the dense table's step from there
+    for i, far, edge in ((0, 4, 2), (1, 0, 2), (2, 0, 3)):
+        step = dense.ffn["nll"][i, far] - dense.ffn["nll"][i, edge]
+        np.testing.assert_allclose(near.ffn["nll"][i, far], full.ffn["nll"][i, edge] + step, atol=1e-12)
+    assert near.ffn["nll"][2, 4].max() == near.ffn["nll"][0, 1].max() == 0  # the base's own sizes
+    options = grid.options(spec, base, reach=1)
+    assert sum(kind == "ffn" for kind, _, _ in options) == 5
+    assert near.measurements() == len(options) < full.measurements()
+    assert near.windows_evaluated() == (len(options) + 1) * len(windows)
+    with pytest.raises(ValueError, match="far table"):
+        measure_sensitivity(model, scores, windows, grid, base=base, reach=1)
+
+
 def test_measurements_are_cached_per_base_and_resume(model_and_scores, windows, tmp_path):
     model, scores = model_and_scores
     grid = Grid.spread(scores.spec, points=3)
