@@ -29,7 +29,7 @@ import numpy as np
 
 from pruning import reference
 
-N_EXAMPLES = 400
+N_EXAMPLES = 800  # answers at least 11 lines apart: no answer lies in another example's context
 CONTEXT_LINES = 10
 MAX_CONTEXT_CHARS = 450
 MIN_CHARS = 20
