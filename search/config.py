@@ -38,7 +38,7 @@ class RunConfig:
     sensitivity_windows: int = 4  # search windows each sensitivity-table entry is measured on (at most all)
     sensitivity_points: int = 8  # kept sizes measured per sublayer
     local_table: bool = True  # measure a second table around the dense table's knapsack; the search starts there
-    local_reach: int = 2  # grid sizes it measures on each side of the knapsack's; farther ones follow the dense table
+    local_reach: int = 1  # grid sizes it measures on each side of the knapsack's; farther ones follow the dense table
     sampler: str = "predictor"
     n_startup: int = 8
     ffn_step: int | None = None  # None: 8, or the GGUF type's block (32 for q8_0) with export_format "gguf"

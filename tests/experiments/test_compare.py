@@ -43,10 +43,10 @@ def test_every_method_on_the_same_budget_then_resume(tiny_model_dir, tmp_path, c
     table_cost = rows["sensitivity knapsack"]["windows"]
     assert table_cost == (rows["sensitivity knapsack"]["measured"] + 1) * 4  # the table reads all 4 search windows
     # the search pays for the rival's table and its own second one around the rival's knapsack (which measures
-    # each sublayer at every grid size but its own: at least as many as the first)
+    # each sublayer only at the grid sizes next to its own: fewer than the first)
     tables = optuna.load_study(study_name=summary["study_name"], storage=summary["storage"]).user_attrs["sensitivity"]
     assert rows["searched"]["windows"] == summary["windows_evaluated"] == tables["windows_evaluated"] + 6 * 4
-    assert tables["windows_evaluated"] >= 2 * table_cost
+    assert table_cost < tables["windows_evaluated"] < 2 * table_cost
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "results.md").read_text()
     assert table.count("| 35% |") == len(compare.METHODS)

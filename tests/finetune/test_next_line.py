@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -31,7 +32,7 @@ def test_rows_come_from_the_evaluation_text_only():
         assert all(abs(lines.index(o) - i) >= next_line.FAR for o in row["options"] if o != answer)
     # answers lie more than CONTEXT_LINES apart: tuning on some examples never shows another's answer as context
     at = sorted(lines.index(row["options"][row["answer"]]) for row in rows)
-    assert min(b - a for a, b in zip(at, at[1:])) > next_line.CONTEXT_LINES
+    assert min(np.diff(at)) > next_line.CONTEXT_LINES
     answers = [json.loads(x)["answer"] for x in next_line.TASK_PATH.read_text().splitlines()]
     assert {a: answers.count(a) for a in range(4)}.keys() == {0, 1, 2, 3}  # the right option's place varies
 
