@@ -215,6 +215,8 @@ def measure_sensitivity(
         raise ValueError(f"losses must be some of {LOSSES}, got {losses}")
     if reach is not None and (reach < 1 or far is None):
         raise ValueError(f"a table with reach needs reach >= 1 and a far table to continue; got reach={reach}")
+    if far is not None and (far.grid != grid or far.windows != len(windows) or set(losses) - set(far.attention)):
+        raise ValueError("the far table must be measured on the same grid, number of windows and losses")
     spec = importance.spec
     path = _cache_path(model, importance, windows, grid, losses, cache_dir, base, reach)
     done = json.loads(path.read_text()) if path is not None and path.exists() else {}
