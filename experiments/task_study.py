@@ -45,6 +45,7 @@ from search.export import recover_and_export
 from search.objectives import KL, LMEval, Perplexity, Teacher
 from search.objectives.harness import Suite
 from search.objectives.kl import top_k_kl
+from search.objectives.task import read_task
 from search.pipeline import run_search
 from search.setup import prepare
 from search.trials import to_loss
@@ -198,11 +199,17 @@ def costs(args, setup, importance, archs, teacher) -> dict[str, float]:
         f"{name} s": round(s, 3) for name, s in seconds.items()}
 
 
+def held_out_examples() -> int:
+    """How many examples of the shipped task every row's accuracy is measured on (the split's size is seed-free)."""
+    return len(read_task(str(next_line.TASK_PATH), next_line.TEMPLATE, next_line.ANSWER_PREFIX, 0, True)[1])
+
+
 def markdown(args, rows: list[dict], study: dict | None) -> str:
     lines = ["# Task study: searching by the task, and how objectives rank candidates", "",
              f"Command: `python -m experiments.task_study {' '.join(sys.argv[1:])}`", "",
              "Reference model, shipped next-line task (`finetune.next_line`, 4 options, chance 25%). Accuracy is "
-             "on the task's held-out 20% (80 examples; no search or recovery choice was made on them), as a "
+             f"on the task's held-out 20% ({held_out_examples()} examples; no search or recovery choice was made on "
+             "them), as a "
              "share of the dense model's on the same examples. Searches choose on "
              f"{args.search_windows} search windows (perplexity) or {args.search_examples} search examples "
              f"(task: accuracy, predictor learning the margin) in {args.trials} trials; every pruning then gets "
