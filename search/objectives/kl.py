@@ -84,7 +84,7 @@ class KL(Objective):
     name = "kl"
     direction = "minimize"
     needs = ("teacher",)
-    relative_cost = 1.1  # measured 1.11x (experiments/task_study.py): a forward pass plus a log-softmax and gathers
+    relative_cost = 1.1  # measured 1.08x (experiments/task_study.py): a forward pass plus a log-softmax and gathers
 
     def __call__(self, model) -> Score:
         return Score(float(top_k_kl(model, self.teacher, self.batch_size).mean()))
