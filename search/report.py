@@ -74,6 +74,8 @@ class RunSummary:
         if self.objective == "perplexity" or not rows:
             return ""
         names = list(dict.fromkeys(n for _, m in rows for n in m))
+        if self.objective == "task":  # recovery's task_accuracy is the task objective on the same held-out examples
+            names = [n for n in names if n != "task_accuracy"]
         lines = [f"| model | {' | '.join(names)} |", "|---|" + "---:|" * len(names)]
         lines += [f"| {model} | " + " | ".join(f"{m[n]:.4g}" if n in m else "–" for n in names) + " |"
                   for model, m in rows]
