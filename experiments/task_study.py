@@ -209,8 +209,7 @@ def markdown(args, rows: list[dict], study: dict | None) -> str:
              f"Command: `python -m experiments.task_study {' '.join(sys.argv[1:])}`", "",
              "Reference model, shipped next-line task (`finetune.next_line`, 4 options, chance 25%). Accuracy is "
              f"on the task's held-out 20% ({held_out_examples()} examples; no search or recovery choice was made on "
-             "them), as a "
-             "share of the dense model's on the same examples. Searches choose on "
+             "them), as a share of the dense model's on the same examples. Searches choose on "
              f"{args.search_windows} search windows (perplexity) or {args.search_examples} search examples "
              f"(task: accuracy, predictor learning the margin) in {args.trials} trials; every pruning then gets "
              f"the same task LoRA ({args.steps} steps, calibration text + task training examples, 1 shot), "
