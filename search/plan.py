@@ -57,6 +57,7 @@ from pruning.architecture import Architecture, format_count
 from pruning.sensitivity import Grid
 from search.budget import parse_budget
 from search.config import TABLE_SAMPLERS, ConfigError, RunConfig
+from search.objectives import objective_class
 from search.setup import run_dtype
 from search.space import SearchSpace
 
@@ -97,6 +98,8 @@ class Plan:
     trial_flops: float
     trial_seconds: float | None
     table_windows: int = 0  # the sensitivity tables' windows (the local one's upper bound), before any trial
+    objective: str = "perplexity"
+    objective_cost: float = 1.0  # the objective's trial time over a perplexity trial's (`Objective.relative_cost`)
 
     def problem(self) -> Stage | None:
         """The first stage this run goes through that does not fit the device (or the host), or None."""
@@ -123,6 +126,8 @@ class Plan:
             + (f", host memory {_gib(self.host_capacity_bytes)}\n" if self.device != "cpu" else "\n") +
             f"  trial: {self.trial_windows} windows, {format_count(self.trial_tokens)} tokens, "
             f"{self.trial_flops:.3g} FLOPs, {seconds}\n"
+            + (f"  objective {self.objective}: about {self.objective_cost:g}x a perplexity trial (as measured on the "
+               "reference model)\n" if self.objective_cost != 1 else "")
             + (f"  sensitivity tables: at most {self.table_windows:,} windows "
                f"(= {self.table_windows / self.trial_windows:.0f} trials)"
                + ("" if self.trial_seconds is None else
@@ -261,7 +266,8 @@ def make_plan(config: RunConfig, device: torch.device, capacity: int | None = No
         weight_bytes=params * s, stages=stages(shape, config, s, cuda, params, budget),
         verdict_stages=verdict_stages(config, cuda), trial_windows=config.search_windows, trial_tokens=tokens,
         trial_flops=float(flops), trial_seconds=flops / rate if rate > 0 else None,
-        table_windows=table_windows(config, spec),
+        table_windows=table_windows(config, spec), objective=config.objective,
+        objective_cost=objective_class(config.objective).relative_cost,
     )
 
 

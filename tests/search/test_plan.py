@@ -10,6 +10,7 @@ from transformers import LlamaConfig
 
 from search import run
 from search.config import RunConfig
+from search.objectives import KL
 from search.plan import PlanError, check_fits, make_plan
 
 GIB = 2**30
@@ -57,6 +58,10 @@ def test_llama_2_7b_on_one_h100(hub_configs):
     # each side + one of the base's parameter count) + its base's pass
     assert p.table_windows == (32 * 16 + 1) * 4 + (32 * 2 * 3 + 1) * 4
     assert f"sensitivity tables: at most {p.table_windows:,} windows (= 88 trials)" in p.to_text()
+    assert "objective" not in p.to_text()  # perplexity: the trial line is the objective's
+    _, kl = plan(hub_configs, "llama-2-7b", budget="5B", objective="kl")
+    assert kl.objective_cost == KL.relative_cost > 1
+    assert f"objective kl: about {KL.relative_cost:g}x a perplexity trial" in kl.to_text()
     assert p.problem() is None
     check_fits(p, config)
     assert "verdict: fits" in p.to_text()
