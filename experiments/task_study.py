@@ -201,7 +201,9 @@ def costs(args, setup, importance, archs, teacher) -> dict[str, float]:
 
 def held_out_examples() -> int:
     """How many examples of the shipped task every row's accuracy is measured on (the split's size is seed-free)."""
-    return len(read_task(str(next_line.TASK_PATH), next_line.TEMPLATE, next_line.ANSWER_PREFIX, 0, True)[1])
+    _, held_out = read_task(str(next_line.TASK_PATH), next_line.TEMPLATE, next_line.ANSWER_PREFIX, seed=0,
+                            need_options=True)
+    return len(held_out)
 
 
 def markdown(args, rows: list[dict], study: dict | None) -> str:

@@ -99,7 +99,11 @@ class Plan:
     trial_seconds: float | None
     table_windows: int = 0  # the sensitivity tables' windows (the local one's upper bound), before any trial
     objective: str = "perplexity"
-    objective_cost: float = 1.0  # the objective's trial time over a perplexity trial's (`Objective.relative_cost`)
+
+    @property
+    def objective_cost(self) -> float:
+        """The objective's trial time over a perplexity trial's, as it declares it (`Objective.relative_cost`)."""
+        return objective_class(self.objective).relative_cost
 
     def problem(self) -> Stage | None:
         """The first stage this run goes through that does not fit the device (or the host), or None."""
@@ -267,7 +271,6 @@ def make_plan(config: RunConfig, device: torch.device, capacity: int | None = No
         verdict_stages=verdict_stages(config, cuda), trial_windows=config.search_windows, trial_tokens=tokens,
         trial_flops=float(flops), trial_seconds=flops / rate if rate > 0 else None,
         table_windows=table_windows(config, spec), objective=config.objective,
-        objective_cost=objective_class(config.objective).relative_cost,
     )
 
 

@@ -294,7 +294,6 @@ def test_export_cli_writes_gguf_or_refuses_what_the_type_cannot_hold(finished_ru
     assert reader.fields[f"{arch_name}.block_count"].contents() == len(trial_arch.layers)
 
 
-
 @pytest.mark.slow
 def test_the_objective_table_shows_a_task_run_s_accuracy_once(finished_run):
     from dataclasses import replace
