@@ -18,7 +18,11 @@ For each share of parameters removed, on the same model, calibration and evaluat
                       --seeds value;
 
 each sliced to at most the same parameter count, then given the same LoRA recovery (the
-search run's defaults: --recover-steps, rank 8, distillation from the dense model).
+search run's defaults: --recover-steps, rank 8, distillation from the dense model). With
+`--reconstruction both` (the default) every method that yields an architecture is also measured
+"+ reconstruction": its kept o_proj / down_proj weights re-fitted on the calibration windows
+(`pruning.reconstruct`) before slicing, so the gain of re-fitting is not credited to the allocation
+(FLAP's bias compensation and Torch-Pruning's own model are measured as they are).
 Perplexity is measured on the evaluation windows the search never saw (the search measures
 candidates on --search-windows of them). Writes results.md, results.json and compare.png to
 --out. Finished rows are kept in results.json, so an interrupted run resumes with the same command.
@@ -45,12 +49,13 @@ from pruning.architecture import Architecture
 from pruning.compensation import input_means
 from pruning.importance import compute_importance, load_or_compute
 from pruning.metrics import perplexity
+from pruning.reconstruct import reconstruct
 from pruning.sensitivity import Grid, measure_sensitivity
 from pruning.slicing import slice_model
 from search import run
 from search.budget import BudgetError, parse_budget
 from search.config import ConfigError, RunConfig
-from search.export import dense_teacher, recovery_settings, text_domains
+from search.export import dense_teacher, reconstruction_settings, recovery_settings, text_domains
 from search.knapsack import knapsack
 from search.pipeline import open_run_study, run_search
 from search.report import RunSummary, write_atomic
@@ -59,6 +64,8 @@ from search.space import SearchSpace
 from search.trials import trial_architecture
 
 METHODS = ("uniform", "threshold", "threshold + bias", "Torch-Pruning", "sensitivity knapsack", "searched")
+NOT_RECONSTRUCTED = ("threshold + bias", "Torch-Pruning")  # their own compensation / their own model
+RECONSTRUCTION = {"off": (False,), "on": (True,), "both": (False, True)}
 
 
 @dataclass
@@ -73,6 +80,12 @@ class Row:
     note: str = ""
     windows: int = 0  # evaluation windows measured to choose it (sensitivity table included)
     seed: int = 0  # the search's seed (other methods are deterministic)
+    reconstructed: bool = False  # kept weights re-fitted before slicing (its seconds are in `seconds`)
+
+    @property
+    def label(self) -> str:
+        name = f"{self.method} (seed {self.seed})" if self.method == "searched" else self.method
+        return name + (" + reconstruction" if self.reconstructed else "")
 
 
 @dataclass
@@ -146,14 +159,25 @@ def search_seconds(summary: RunSummary) -> float:
     return (max(t.datetime_complete for t in trials) - min(t.datetime_start for t in trials)).total_seconds()
 
 
-def prune_method(method: str, ctx: Context, space: SearchSpace, summary: RunSummary | None):
-    """(pruned copy of the dense model, seconds, measured candidates, note, windows measured) for one method."""
+def cut(ctx: Context, arch: Architecture, importance, means=None, rebuild: bool = False):
+    """(a sliced copy of the dense model, seconds spent re-fitting it); `rebuild`: reconstruct before slicing."""
+    model, seconds = copy.deepcopy(ctx.setup.model), 0.0
+    if rebuild:
+        settings = reconstruction_settings(ctx.setup.config)
+        _, seconds = timed(lambda: reconstruct(model, arch, importance, ctx.setup.calibration, settings))
+    return slice_model(model, arch, importance, means), seconds
+
+
+def prune_method(method: str, ctx: Context, space: SearchSpace, summary: RunSummary | None, rebuild: bool = False):
+    """(pruned copy of the dense model, seconds, measured candidates, note, windows measured) for one method;
+    `rebuild`: its kept weights reconstructed before slicing."""
     setup = ctx.setup
     dense, calibration, batch = setup.model, setup.calibration, setup.config.batch_size
     if method == "searched":
         arch = trial_architecture(open_run_study(summary).trials[summary.best_trial])
         scores = load_or_compute(dense, calibration, setup.config.importance, Path(summary.run_dir), batch)
-        return (slice_model(copy.deepcopy(dense), arch, scores), search_seconds(summary), summary.trials_complete,
+        model, extra = cut(ctx, arch, scores, rebuild=rebuild)
+        return (model, search_seconds(summary) + extra, summary.trials_complete,
                 f"best of {summary.trials_complete} trials", summary.windows_evaluated)
     if method == "Torch-Pruning":
         from experiments.torch_pruning_peer import prune_to_params
@@ -166,7 +190,8 @@ def prune_method(method: str, ctx: Context, space: SearchSpace, summary: RunSumm
         table, seconds = ctx.once("sensitivity", lambda: measure_sensitivity(
             dense, wanda, run.table_windows(setup), grid, ("nll",), batch, ctx.out))
         windows = table.windows_evaluated()
-        return (slice_model(copy.deepcopy(dense), knapsack(space, table), wanda), seconds, table.measurements(),
+        model, extra = cut(ctx, knapsack(space, table), wanda, rebuild=rebuild)
+        return (model, seconds + extra, table.measurements(),
                 f"{table.measurements()} sublayer sizes x {table.windows} windows", windows)
     scores = "wanda" if method == "uniform" else "fluctuation"
     importance, seconds = ctx.once(scores, lambda: compute_importance(dense, calibration, scores, batch))
@@ -178,12 +203,13 @@ def prune_method(method: str, ctx: Context, space: SearchSpace, summary: RunSumm
         spec = space.spec
         space = replace(space, budget=space.budget - 2 * spec.num_layers * spec.hidden_size)
     arch = space.uniform() if method == "uniform" else space.threshold(importance)
-    return slice_model(copy.deepcopy(dense), arch, importance, means), seconds, 0, f"{scores} scores", 0
+    model, extra = cut(ctx, arch, importance, means, rebuild)
+    return model, seconds + extra, 0, f"{scores} scores", 0
 
 
 def measure(method: str, removed: str, ctx: Context, space: SearchSpace, summary: RunSummary | None,
-            seed: int = 0) -> Row:
-    model, seconds, measured, note, windows = prune_method(method, ctx, space, summary)
+            seed: int = 0, rebuild: bool = False) -> Row:
+    model, seconds, measured, note, windows = prune_method(method, ctx, space, summary, rebuild)
     params = sum(p.numel() for p in model.parameters())
     if params > space.budget:
         raise AssertionError(f"{method} kept {params:,} parameters, over the budget {space.budget:,}")
@@ -192,17 +218,18 @@ def measure(method: str, removed: str, ctx: Context, space: SearchSpace, summary
     else:
         model, result = recover(model, **ctx.recovery)
         pruned, recovered = result.before.perplexity, result.after.perplexity
-    return Row(removed, method, params, pruned, recovered, round(seconds, 1), measured, note, windows, seed)
+    return Row(removed, method, params, pruned, recovered, round(seconds, 1), measured, note, windows, seed, rebuild)
 
 
 # ---------------------------------------------------------------------------------------- report
 
 
 def table(rows: list[Row], dense_ppl: float, dense_params: int) -> str:
-    rivals = {(r.removed, r.method): r for r in rows if r.method in ("uniform", "sensitivity knapsack")}
+    # each row against the rivals re-fitted as it was (or not)
+    rivals = {(r.removed, r.method, r.reconstructed): r for r in rows if r.method in ("uniform", "sensitivity knapsack")}
 
     def versus(r: Row, column: str, rival: str) -> str:
-        u = rivals.get((r.removed, rival))
+        u = rivals.get((r.removed, rival, r.reconstructed))
         if not u or r.method == rival or math.isnan(getattr(r, column)):
             return ""
         return f"{getattr(r, column) / getattr(u, column) - 1:+.1%}"
@@ -215,7 +242,7 @@ def table(rows: list[Row], dense_ppl: float, dense_params: int) -> str:
         "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
     for r in rows:
-        label = f"{r.method} (seed {r.seed})" if r.method == "searched" else r.method
+        label = r.label
         if math.isnan(r.pruned):
             lines.append(f"| {r.removed} | {label} | | | | | | | | | | | {r.note} |")
             continue
@@ -238,11 +265,13 @@ def plot(rows: list[Row], dense_ppl: float, path: Path, title: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, column, label in zip(axes, ("pruned", "recovered"), ("after pruning", "after the same LoRA recovery"),
                                 strict=True):
-        for method in METHODS:
+        for (method, rebuilt), color in zip(((m, b) for b in (False, True) for m in METHODS),
+                                            [f"C{i}" for i in range(len(METHODS))] * 2, strict=True):
             points = sorted((r.params / 1e6, getattr(r, column)) for r in rows
-                            if r.method == method and not math.isnan(getattr(r, column)))
+                            if (r.method, r.reconstructed) == (method, rebuilt) and not math.isnan(getattr(r, column)))
             if points:
-                ax.plot(*zip(*points, strict=True), marker="o", label=method)
+                ax.plot(*zip(*points, strict=True), marker="o", color=color, linestyle="--" if rebuilt else "-",
+                        label=method + (" + reconstruction" if rebuilt else ""))
         ax.axhline(dense_ppl, color="grey", linestyle="--", linewidth=1, label="dense")
         ax.set(title=label, xlabel="parameters (millions)", yscale="log")
         ax.grid(True, which="both", alpha=0.3)
@@ -268,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "sensitivity tables included (48 trials x 32 windows = 1536)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="one search per seed (default: %(default)s)")
+    p.add_argument("--reconstruction", choices=RECONSTRUCTION, default="both",
+                   help="measure each method as cut, re-fitted (pruning.reconstruct), or both (default: %(default)s)")
     p.add_argument("--out", default="runs/compare")
     p.add_argument("search_args", nargs=argparse.REMAINDER,
                    help="after --: python -m search.run arguments, shared by every method (data, windows, recovery)")
@@ -314,19 +345,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows = [Row(**r) for r in saved["rows"]]
     out.mkdir(parents=True, exist_ok=True)
-    done = {(r.removed, r.method, r.seed) for r in rows}
+    done = {(r.removed, r.method, r.seed, r.reconstructed) for r in rows}
     dense_params = Architecture.full(ctx.setup.space.spec).params()
-    runs = [(m, seed) for m in args.methods for seed in (args.seeds if m == "searched" else [0])]
+    runs = [(m, seed, rebuild) for m in args.methods for seed in (args.seeds if m == "searched" else [0])
+            for rebuild in RECONSTRUCTION[args.reconstruction] if not (rebuild and m in NOT_RECONSTRUCTED)]
     for removed, budget in zip(args.removed, budgets, strict=True):
         space = replace(ctx.setup.space, budget=parse_budget(budget, dense_params))
-        for method, seed in runs:
-            if (removed, method, seed) in done:
+        for method, seed, rebuild in runs:
+            if (removed, method, seed, rebuild) in done:
                 continue
-            print(f"[compare] {removed} removed: {method} (seed {seed})", file=sys.stderr)
+            print(f"[compare] {removed} removed: {method} (seed {seed}){' + reconstruction' * rebuild}",
+                  file=sys.stderr)
             summary = (search_run(run_arguments(args, budget), removed, seed, out, args.windows)
                        if method == "searched" else None)
             try:
-                rows.append(measure(method, removed, ctx, space, summary, seed))
+                rows.append(measure(method, removed, ctx, space, summary, seed, rebuild))
             except Exception as err:  # a peer that breaks on this model is a result too; ours breaking is a bug
                 if method != "Torch-Pruning":
                     raise
@@ -334,9 +367,10 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(Row(removed, method, 0, math.nan, math.nan, 0.0, 0, f"failed: {err}"[:160]))
             write_atomic(results_path, json.dumps({"settings": settings, "rows": [asdict(r) for r in rows]},
                                                   indent=1))
-    order = {key: i for i, key in enumerate((r, m, s) for r in args.removed for m in METHODS for s in args.seeds)}
-    rows = sorted((r for r in rows if (r.removed, r.method, r.seed) in order),
-                  key=lambda r: order[r.removed, r.method, r.seed])
+    order = {key: i for i, key in enumerate((r, m, s, b) for r in args.removed for m in METHODS for b in (False, True)
+                                            for s in args.seeds)}
+    rows = sorted((r for r in rows if (r.removed, r.method, r.seed, r.reconstructed) in order),
+                  key=lambda r: order[r.removed, r.method, r.seed, r.reconstructed])
     dense_ppl = perplexity(ctx.setup.model, ctx.held_out, base.batch_size)
     text = table(rows, dense_ppl, dense_params)
     write_atomic(out / "results.md", text)

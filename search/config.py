@@ -10,6 +10,7 @@ from pathlib import Path
 
 from finetune.gguf import GGUF_TYPES, block_size
 from pruning import reference
+from pruning.reconstruct import DEFAULT_DAMP
 
 SAMPLERS = ("predictor", "knapsack", "tpe", "gp", "cmaes", "random")
 TABLE_SAMPLERS = ("predictor", "knapsack")  # samplers that start from the sensitivity table
@@ -52,6 +53,8 @@ class RunConfig:
     export: bool = True  # after the search: slice, recover and export the best architecture
     export_format: str = "hf"  # hf: a transformers directory; gguf: one llama.cpp file
     gguf_type: str = "q8_0"
+    reconstruct: bool = True  # re-fit o_proj / down_proj's kept columns on calibration activations after slicing
+    reconstruct_damp: float = DEFAULT_DAMP
     recover_steps: int = 100
     recover_windows: int = 512
     lora_rank: int = 8
@@ -101,6 +104,7 @@ class RunConfig:
                 self.device in ("auto", "cpu") or self.device.startswith("cuda"),
                 f"--device must be auto, cpu or cuda[:N], got {self.device!r}",
             ),
+            (self.reconstruct_damp > 0, f"--reconstruct-damp must be positive, got {self.reconstruct_damp}"),
             (self.recover_steps >= 0, f"--recover-steps must be >= 0, got {self.recover_steps}"),
             (0 <= self.distill <= 1, f"--distill is a loss weight in [0, 1], got {self.distill}"),
             (self.export_format in EXPORT_FORMATS,

@@ -15,6 +15,7 @@ import argparse
 import json
 import shlex
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -38,6 +39,8 @@ from finetune.gguf import GGUF_TYPES, check_export, export_gguf
 from finetune.recover import RecoveryConfig, recover
 from pruning.architecture import Architecture
 from pruning.importance import Importance, load_or_compute
+from pruning.masking import masked
+from pruning.reconstruct import ReconstructionConfig, reconstruct
 from pruning.slicing import slice_model
 from search.config import EXPORT_FORMATS, RunConfig, RunLayout
 from search.objectives import task_max_len
@@ -57,7 +60,7 @@ class RecoveryRecord:
     """
 
     dense: Mapping[str, float]
-    pruned: Mapping[str, float]  # sliced, before recovery
+    pruned: Mapping[str, float]  # sliced (and reconstructed, unless --no-reconstruct), before recovery
     export: str
     recovered: Mapping[str, float] | None = None  # None with --recover-steps 0
     recovery: Mapping | None = None  # the RecoveryConfig used
@@ -69,6 +72,8 @@ class RecoveryRecord:
     validated_on: str = "perplexity"
     notes: tuple[str, ...] = ()  # where the exported model is not simply better than the sliced one
     comparisons: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # uniform, knapsack, searched...
+    unreconstructed: Mapping[str, float] | None = None  # the same slice without reconstruction; None: not run
+    reconstruction_seconds: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "validation", tuple((int(step), float(ppl)) for step, ppl in self.validation))
@@ -117,6 +122,20 @@ def add_recovery_arguments(p: argparse.ArgumentParser, d: RunConfig) -> argparse
                    help="text before every answer and option, e.g. a space or a newline (default: %(default)r)")
     g.add_argument("--shots", type=int, default=d.shots, help="few-shot examples before each task prompt")
     return g
+
+
+def add_reconstruction_arguments(p: argparse.ArgumentParser, d: RunConfig) -> None:
+    g = p.add_argument_group("reconstruction (after slicing, before recovery)")
+    g.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=d.reconstruct,
+                   help="re-fit each layer's o_proj and down_proj on calibration activations so its output stays "
+                   "close to the dense weights' (least squares, layer by layer; no parameter added) "
+                   "(default: %(default)s)")
+    g.add_argument("--reconstruct-damp", type=float, default=d.reconstruct_damp,
+                   help="ridge damping of the re-fit, a share of the mean input energy (default: %(default)s)")
+
+
+def reconstruction_settings(config: RunConfig) -> ReconstructionConfig:
+    return ReconstructionConfig(damp=config.reconstruct_damp, batch_size=config.batch_size)
 
 
 def add_format_arguments(p: argparse.ArgumentParser, d: RunConfig) -> None:
@@ -184,8 +203,15 @@ def recover_and_export(setup: Setup, importance: Importance, arch: Architecture,
 
     dense = measure(model)
     reference = dense_teacher(model, config, domains)
+    fields_ = {"dense": dense, "comparisons": dict(comparisons or {})}
+    if config.reconstruct:
+        with masked(model, arch, importance):
+            fields_["unreconstructed"] = measure(model)
+        started = time.perf_counter()
+        reconstruct(model, arch, importance, setup.calibration, reconstruction_settings(config))
+        fields_["reconstruction_seconds"] = round(time.perf_counter() - started, 1)
     slice_model(model, arch, importance)
-    fields_ = {"dense": dense, "pruned": measure(model), "comparisons": dict(comparisons or {})}
+    fields_["pruned"] = measure(model)
     if config.recover_steps > 0:
         settings = recovery_settings(config)
         model, result = recover(model, domains, settings, evaluation, reference, validation=validation)
@@ -228,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory (hf) or .gguf file (gguf) to create for the exported model")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     add_format_arguments(p, RunConfig())
+    add_reconstruction_arguments(p, RunConfig())
     add_recovery_arguments(p, RunConfig())
     return p
 
@@ -242,8 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         saved = json.loads(layout.config.read_text())
         overrides = {k: getattr(args, k) for k in ("recover_steps", "recover_windows", "lora_rank", "distill",
                                                    "domains", "task", "task_template", "task_answer_prefix", "shots",
-                                                   "export_format",
-                                                   "gguf_type")}
+                                                   "export_format", "gguf_type", "reconstruct",
+                                                   "reconstruct_damp")}
         config = replace(RunConfig(**saved), out=str(layout.root), **overrides)
         arch = _architecture(layout, config, args.trial)
         out = Path(args.out)

@@ -104,7 +104,7 @@ class RunSummary:
             selected = f" (step {r.selected_step} kept, best on {on})" if r.selected_step is not None else ""
             recovery = (
                 f"\n**Exported model**: `{r.export}` — perplexity {tuned:.3f} after {r.steps} LoRA steps{selected} "
-                f"(sliced {r.pruned['perplexity']:.3f}, dense {r.dense['perplexity']:.3f}; "
+                f"(sliced {r.pruned['perplexity']:.3f}{_without(r)}, dense {r.dense['perplexity']:.3f}; "
                 f"dense ÷ exported perplexity {r.dense['perplexity'] / tuned:.1%}).\n"
                 + "".join(f"\n**Warning**: {note}.\n" for note in r.notes)
             )
@@ -119,6 +119,13 @@ class RunSummary:
             f"Predictor Kendall τ on its own predictions: {tau} ({self.predictor_pairs} pairs).\n"
             f"{recovery}\nFiles: `{self.run_dir}`  \nDashboard: `{self.dashboard_command()}`\n"
         )
+
+
+def _without(r: RecoveryRecord) -> str:
+    """What reconstruction changed, when it ran: ", reconstructed; 123.456 without"."""
+    if r.unreconstructed is None:
+        return ""
+    return f" reconstructed in {r.reconstruction_seconds:.0f} s; {r.unreconstructed['perplexity']:.3f} without"
 
 
 def predictions(study: optuna.Study) -> tuple[np.ndarray, np.ndarray, list[int]]:

@@ -33,7 +33,7 @@ from pruning.masking import masked
 from pruning.metrics import perplexity
 from pruning.sensitivity import Grid, SensitivityTable, measure_sensitivity
 from search.config import PREDICTOR_TARGETS, SAMPLERS, TABLE_SAMPLERS, RunConfig, RunLayout
-from search.export import add_format_arguments, add_recovery_arguments, recover_and_export
+from search.export import add_format_arguments, add_reconstruction_arguments, add_recovery_arguments, recover_and_export
 from search.knapsack import knapsack
 from search.objective import TrialObjective
 from search.objectives import objective_class
@@ -168,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "from the model's config alone and exit; a real run prints it first and refuses to start "
                    "when it does not fit the device")
     add_format_arguments(p, d)
+    add_reconstruction_arguments(p, d)
     recovery = add_recovery_arguments(p, d)
     recovery.add_argument("--no-export", dest="export", action="store_false",
                           help="stop after the search: no slicing, recovery or export")

@@ -30,8 +30,13 @@ def test_every_method_on_the_same_budget_then_resume(tiny_model_dir, tmp_path, c
     out = tmp_path / "compare"
     assert compare.main(argv(tiny_model_dir, out)) == 0
     saved = json.loads((out / "results.json").read_text())
-    rows = {r["method"]: r for r in saved["rows"]}
+    rebuilt = {r["method"]: r for r in saved["rows"] if r["reconstructed"]}
+    rows = {r["method"]: r for r in saved["rows"] if not r["reconstructed"]}
     assert set(rows) == set(compare.METHODS)
+    assert set(rebuilt) == set(compare.METHODS) - set(compare.NOT_RECONSTRUCTED)
+    for method, r in rebuilt.items():  # the same architecture, re-fitted: no parameter more, measured apart
+        assert r["params"] == rows[method]["params"] and r["pruned"] != rows[method]["pruned"], r
+        assert math.isfinite(r["pruned"]) and math.isfinite(r["recovered"]), r
     summary = json.loads((out / "search-removed-35pct-seed0" / "summary.json").read_text())
     budget = summary["budget_params"]
     for r in rows.values():
@@ -49,7 +54,8 @@ def test_every_method_on_the_same_budget_then_resume(tiny_model_dir, tmp_path, c
     assert table_cost < tables["windows_evaluated"] < 2 * table_cost
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "results.md").read_text()
-    assert table.count("| 35% |") == len(compare.METHODS)
+    assert table.count("| 35% |") == len(saved["rows"]) == 2 * len(compare.METHODS) - len(compare.NOT_RECONSTRUCTED)
+    assert table.count(" + reconstruction |") == len(rebuilt)
     assert capsys.readouterr().out.startswith("Dense model:")
 
     # Same command again: nothing is re-measured, the table is rewritten from the saved rows.
