@@ -226,7 +226,8 @@ def measure(method: str, removed: str, ctx: Context, space: SearchSpace, summary
 
 def table(rows: list[Row], dense_ppl: float, dense_params: int) -> str:
     # each row against the rivals re-fitted as it was (or not)
-    rivals = {(r.removed, r.method, r.reconstructed): r for r in rows if r.method in ("uniform", "sensitivity knapsack")}
+    rivals = {(r.removed, r.method, r.reconstructed): r for r in rows
+              if r.method in ("uniform", "sensitivity knapsack")}
 
     def versus(r: Row, column: str, rival: str) -> str:
         u = rivals.get((r.removed, rival, r.reconstructed))

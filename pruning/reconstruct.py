@@ -15,7 +15,7 @@ are the architecture's.
 Layers are done in order on the pruned, already re-fitted model's own activations: the hidden states entering
 each layer are cached once ((N, T, hidden) on the model's device), so layer i runs only itself, and its o_proj is
 re-fitted before the covariance of its down_proj is gathered. Memory beyond the cache: one covariance at a time
-(in float32; 11008^2 for a 7B down_proj, 0.48 GB) and its float64 solve.
+(float32, in^2: 0.48 GB for a 7B down_proj's 11008 inputs) and its float64 kept block (k^2) for the solve.
 """
 
 from __future__ import annotations
@@ -76,15 +76,14 @@ def refit(weight: torch.Tensor, covariance: torch.Tensor, kept: torch.Tensor, da
     removed = torch.ones(weight.shape[1], dtype=torch.bool)
     removed[kept] = False
     kept, removed = kept.to(weight.device), removed.nonzero().squeeze(1).to(weight.device)
-    c = covariance.double()
-    c_ss = c[kept][:, kept]
+    c_ss = covariance[kept][:, kept].double()  # (k, k)
     c_ss.diagonal().add_(damp * c_ss.diagonal().mean().clamp_min(1e-12))
     w = weight.double()
-    # W_R C_RS (C_SS + λI)^-1, as a solve against the symmetric positive definite C_SS + λI: (out, k)
-    update = torch.linalg.solve(c_ss, (w[:, removed] @ c[removed][:, kept]).T).T
-    out = torch.zeros_like(w)
-    out[:, kept] = w[:, kept] + update
-    return out.to(weight.dtype)
+    # W_R C_RS (C_SS + λI)^-1 as a solve against the symmetric positive definite C_SS + λI: (out, k)
+    update = torch.linalg.solve(c_ss, (w[:, removed] @ covariance[removed][:, kept].double()).T).T
+    out = torch.zeros_like(weight)
+    out[:, kept] = (w[:, kept] + update).to(weight.dtype)
+    return out
 
 
 def _layer_inputs(model: PreTrainedModel, windows: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, dict]]:

@@ -85,8 +85,22 @@ def test_run_exports_the_recovered_best_model(finished_run):
     from search.config import RunConfig
     from search.setup import prepare
 
-    held_out = prepare(RunConfig(**json.loads((finished_run / "run.json").read_text()))).held_out
+    setup = prepare(RunConfig(**json.loads((finished_run / "run.json").read_text())))
+    held_out = setup.held_out
     assert recovery["recovered"]["perplexity"] == pytest.approx(perplexity(model, held_out), rel=1e-5)
+    # the slice was re-fitted (pruning.reconstruct on the calibration windows) before tuning, and both are recorded
+    from pruning.importance import load_or_compute
+    from pruning.masking import masked
+    from pruning.reconstruct import ReconstructionConfig, reconstructed
+
+    arch = Architecture.from_json((finished_run / "best_architecture.json").read_text())
+    importance = load_or_compute(setup.model, setup.calibration, "wanda", finished_run)
+    with masked(setup.model, arch, importance):
+        assert recovery["unreconstructed"]["perplexity"] == pytest.approx(perplexity(setup.model, held_out), rel=1e-5)
+    with reconstructed(setup.model, arch, importance, setup.calibration, ReconstructionConfig()):
+        assert recovery["pruned"]["perplexity"] == pytest.approx(perplexity(setup.model, held_out), rel=1e-5)
+    assert recovery["pruned"]["perplexity"] != recovery["unreconstructed"]["perplexity"]
+    assert f"reconstructed in {recovery['reconstruction_seconds']:.0f} s; " in markdown
     assert load(finished_run).user_attrs["recovery"] == recovery
     assert summary["objective_values"]["searched"] == {"perplexity": summary["best_perplexity"]}
     assert summary["objective_values"]["uniform"] == {"perplexity": summary["uniform_perplexity"]}
@@ -252,6 +266,12 @@ def test_export_cli_on_a_finished_run(finished_run, tmp_path, capsys):
     assert export.main(command) == 0
     record = json.loads(capsys.readouterr().out)
     assert record["export"] == str(out) and record["recovered"] is None
+    assert record["unreconstructed"] is not None
+    plain = tmp_path / "plain"
+    assert export.main([*command[:5], str(plain), *command[6:], "--no-reconstruct"]) == 0
+    unfitted = json.loads(capsys.readouterr().out)
+    assert unfitted["unreconstructed"] is None and unfitted["reconstruction_seconds"] is None
+    assert unfitted["pruned"]["perplexity"] == pytest.approx(record["unreconstructed"]["perplexity"], rel=1e-5)
     trial_arch = Architecture.from_json(load(finished_run).trials[2].user_attrs[ARCH_ATTR])
     assert f"{trial_arch.params():,}" in (out / "README.md").read_text()
     assert export.main(command) == 2
