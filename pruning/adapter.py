@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
@@ -120,7 +121,72 @@ def model_spec(model: PreTrainedModel) -> ModelSpec:
     return spec_from_config(model.config, str(getattr(model, "name_or_path", "") or model.config.model_type))
 
 
+def is_gguf(name_or_path: str | Path) -> bool:
+    """A path ending in .gguf: one llama.cpp file, which transformers dequantizes (pip install 'prunesearch[gguf]')."""
+    return str(name_or_path).lower().endswith(".gguf")
+
+
+def _gguf_location(name_or_path: str | Path) -> tuple[str, dict]:
+    """(directory, from_pretrained keywords) of a local GGUF file."""
+    path = Path(name_or_path)
+    return str(path.parent), {"gguf_file": path.name}
+
+
+def _gguf_package():
+    try:
+        import accelerate  # noqa: F401  (transformers' GGUF loading needs it)
+        import gguf
+    except ImportError as err:
+        raise UnsupportedModelError("reading a GGUF file needs the gguf and accelerate packages: "
+                                    "pip install 'prunesearch[gguf]'") from err
+    return gguf
+
+
+def _dequantizable(gguf, qtype) -> bool:
+    """Whether gguf (which transformers dequantizes with) implements `qtype`: tried on one zero block."""
+    _, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    try:
+        gguf.quants.dequantize(np.zeros((1, type_size), np.uint8), qtype)
+    except NotImplementedError:
+        return False
+    return True
+
+
+def check_gguf(path: Path) -> None:
+    """Refuse, before any weight is dequantized, a GGUF file that is missing or cut short, of an architecture
+    outside FAMILIES, or holding a tensor type transformers cannot dequantize."""
+    gguf = _gguf_package()
+    if not path.is_file():
+        raise UnsupportedModelError(f"no GGUF file at {path}; give --model an existing .gguf file or a model directory")
+    truncated = (f"{path} is not a complete GGUF file; it may be truncated (an interrupted download or copy): "
+                 "fetch it again")
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, IndexError, KeyError) as err:
+        raise UnsupportedModelError(f"{truncated} ({err})") from err
+    if max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0) > path.stat().st_size:
+        raise UnsupportedModelError(truncated)
+    field = reader.fields.get("general.architecture")
+    arch = bytes(field.parts[field.data[0]]).decode() if field else None
+    if arch not in FAMILIES:
+        raise UnsupportedModelError(
+            f"{path.name} holds a {arch!r} model (GGUF general.architecture); supported are "
+            f"{', '.join(FAMILIES)}: give a GGUF file of one of those, or the model's Hugging Face directory")
+    types = {t.tensor_type for t in reader.tensors}
+    bad = sorted(gguf.GGMLQuantizationType(q).name for q in types if not _dequantizable(gguf, q))
+    if bad:
+        raise UnsupportedModelError(
+            f"{path.name} stores tensors as {', '.join(bad)}, which transformers cannot dequantize (the gguf package "
+            "implements no dequantization for it); give a file of another type (F32, F16, BF16, Q8_0, Q4_K_M...)")
+
+
 def load_config(name_or_path: str) -> PretrainedConfig:
+    if is_gguf(name_or_path):
+        check_gguf(Path(name_or_path))
+        directory, gguf_file = _gguf_location(name_or_path)
+        config = AutoConfig.from_pretrained(directory, **gguf_file)
+        _check_family(config, name_or_path)
+        return config
     try:
         config = AutoConfig.from_pretrained(name_or_path)
     except OSError as err:
@@ -133,13 +199,24 @@ def load_config(name_or_path: str) -> PretrainedConfig:
 
 
 def load_model(name_or_path: str | Path, device: torch.device, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """Load a supported causal LM, checking its family before any weight is read."""
+    """Load a supported causal LM, checking its family before any weight is read; a GGUF file is dequantized
+    to `dtype`."""
     load_config(str(name_or_path))
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+    if is_gguf(name_or_path):
+        directory, gguf_file = _gguf_location(name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **gguf_file)
+        model.name_or_path = str(name_or_path)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
     return model.to(device).eval()
 
 
 def load_tokenizer(name_or_path: str | Path):
+    """The model's tokenizer; a GGUF file carries its own."""
+    if is_gguf(name_or_path):
+        check_gguf(Path(name_or_path))
+        directory, gguf_file = _gguf_location(name_or_path)
+        return AutoTokenizer.from_pretrained(directory, **gguf_file)
     return AutoTokenizer.from_pretrained(name_or_path)
 
 
