@@ -6,6 +6,7 @@ Everything else in the project talks to decoder layers through `LayerParts`
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,20 +153,18 @@ def _dequantizable(gguf, qtype) -> bool:
     return True
 
 
-def check_gguf(path: Path) -> None:
+def check_gguf(path: Path) -> dict:
     """Refuse, before any weight is dequantized, a GGUF file that is missing or cut short, of an architecture
-    outside FAMILIES, or holding a tensor type transformers cannot dequantize."""
+    outside FAMILIES, or holding a tensor type transformers cannot dequantize. Return the config fields the
+    file's tensors call for that transformers does not read (`_gguf_bias_flags`)."""
     gguf = _gguf_package()
     if not path.is_file():
         raise UnsupportedModelError(f"no GGUF file at {path}; give --model an existing .gguf file or a model directory")
-    truncated = (f"{path} is not a complete GGUF file; it may be truncated (an interrupted download or copy): "
-                 "fetch it again")
     try:
-        reader = gguf.GGUFReader(path)
+        reader = gguf.GGUFReader(path)  # maps every tensor: a file cut short fails here
     except (ValueError, IndexError, KeyError) as err:
-        raise UnsupportedModelError(f"{truncated} ({err})") from err
-    if max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0) > path.stat().st_size:
-        raise UnsupportedModelError(truncated)
+        raise UnsupportedModelError(f"{path} is not a complete GGUF file ({path.stat().st_size:,} bytes); it may be "
+                                    "truncated (an interrupted download or copy): fetch it again") from err
     field = reader.fields.get("general.architecture")
     arch = bytes(field.parts[field.data[0]]).decode() if field else None
     if arch not in FAMILIES:
@@ -178,13 +177,28 @@ def check_gguf(path: Path) -> None:
         raise UnsupportedModelError(
             f"{path.name} stores tensors as {', '.join(bad)}, which transformers cannot dequantize (the gguf package "
             "implements no dequantization for it); give a file of another type (F32, F16, BF16, Q8_0, Q4_K_M...)")
+    return _gguf_bias_flags(arch, {t.name for t in reader.tensors})
+
+
+def _gguf_bias_flags(arch: str, tensors: set[str]) -> dict:
+    """transformers reads a `llama` GGUF into a LlamaConfig without biases and drops the file's bias tensors;
+    these flags keep them. Biases on q/k/v only (a Qwen2 written as `llama`, see finetune.gguf) leave o_proj a
+    zero bias (missing weights start at zero), which computes the same function."""
+    if arch != "llama":
+        return {}
+    flags = {}
+    if any(re.search(r"\.attn_(q|k|v|output)\.bias$", name) for name in tensors):
+        flags["attention_bias"] = True
+    if any(re.search(r"\.ffn_(gate|up|down)\.bias$", name) for name in tensors):
+        flags["mlp_bias"] = True
+    return flags
 
 
 def load_config(name_or_path: str) -> PretrainedConfig:
     if is_gguf(name_or_path):
-        check_gguf(Path(name_or_path))
+        flags = check_gguf(Path(name_or_path))
         directory, gguf_file = _gguf_location(name_or_path)
-        config = AutoConfig.from_pretrained(directory, **gguf_file)
+        config = AutoConfig.from_pretrained(directory, **gguf_file, **flags)  # metadata only, no weights read
         _check_family(config, name_or_path)
         return config
     try:
@@ -201,10 +215,10 @@ def load_config(name_or_path: str) -> PretrainedConfig:
 def load_model(name_or_path: str | Path, device: torch.device, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """Load a supported causal LM, checking its family before any weight is read; a GGUF file is dequantized
     to `dtype`."""
-    load_config(str(name_or_path))
+    config = load_config(str(name_or_path))
     if is_gguf(name_or_path):
         directory, gguf_file = _gguf_location(name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(directory, config=config, dtype=dtype, **gguf_file)
         model.name_or_path = str(name_or_path)
     else:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
