@@ -6,6 +6,8 @@ Everything else in the project talks to decoder layers through `LayerParts`
 
 from __future__ import annotations
 
+import copy
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -153,20 +155,18 @@ def _dequantizable(gguf, qtype) -> bool:
     return True
 
 
-def check_gguf(path: Path) -> dict:
-    """Refuse, before any weight is dequantized, a GGUF file that is missing or cut short, of an architecture
+def _check_gguf(path: Path) -> dict:
+    """Refuse, before any weight is dequantized, a GGUF file that is cut short, of an architecture
     outside FAMILIES, or holding a tensor type transformers cannot dequantize. Return the config fields the
     file's tensors call for that transformers does not read (`_gguf_bias_flags`)."""
     gguf = _gguf_package()
-    if not path.is_file():
-        raise UnsupportedModelError(f"no GGUF file at {path}; give --model an existing .gguf file or a model directory")
     try:
         reader = gguf.GGUFReader(path)  # maps every tensor: a file cut short fails here
     except (ValueError, IndexError, KeyError) as err:
         raise UnsupportedModelError(f"{path} is not a complete GGUF file ({path.stat().st_size:,} bytes); it may be "
                                     "truncated (an interrupted download or copy): fetch it again") from err
     field = reader.fields.get("general.architecture")
-    arch = bytes(field.parts[field.data[0]]).decode() if field else None
+    arch = field.contents() if field else None
     if arch not in FAMILIES:
         raise UnsupportedModelError(
             f"{path.name} holds a {arch!r} model (GGUF general.architecture); supported are "
@@ -194,11 +194,26 @@ def _gguf_bias_flags(arch: str, tensors: set[str]) -> dict:
     return flags
 
 
+def _gguf_config(path: Path) -> PretrainedConfig:
+    """The config transformers reads from a checked GGUF file's metadata (no weights are read); a copy of the one
+    read for this version of the file (a real model's metadata, its vocabulary included, takes seconds to parse,
+    and a run reads it for the plan, the tokenizer and the model)."""
+    if not path.is_file():
+        raise UnsupportedModelError(f"no GGUF file at {path}; give --model an existing .gguf file or a model directory")
+    stat = path.stat()
+    return copy.deepcopy(_read_gguf_config(str(path.resolve()), stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=4)
+def _read_gguf_config(path: str, mtime_ns: int, size: int) -> PretrainedConfig:
+    flags = _check_gguf(Path(path))
+    directory, gguf_file = _gguf_location(path)
+    return AutoConfig.from_pretrained(directory, **gguf_file, **flags)
+
+
 def load_config(name_or_path: str) -> PretrainedConfig:
     if is_gguf(name_or_path):
-        flags = check_gguf(Path(name_or_path))
-        directory, gguf_file = _gguf_location(name_or_path)
-        config = AutoConfig.from_pretrained(directory, **gguf_file, **flags)  # metadata only, no weights read
+        config = _gguf_config(Path(name_or_path))
         _check_family(config, name_or_path)
         return config
     try:
@@ -228,7 +243,7 @@ def load_model(name_or_path: str | Path, device: torch.device, dtype: torch.dtyp
 def load_tokenizer(name_or_path: str | Path):
     """The model's tokenizer; a GGUF file carries its own."""
     if is_gguf(name_or_path):
-        check_gguf(Path(name_or_path))
+        _gguf_config(Path(name_or_path))  # the file's checks
         directory, gguf_file = _gguf_location(name_or_path)
         return AutoTokenizer.from_pretrained(directory, **gguf_file)
     return AutoTokenizer.from_pretrained(name_or_path)
