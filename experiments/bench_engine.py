@@ -1,6 +1,6 @@
 """Engine benchmark: what the search pays per candidate, as ratios measured in one run.
 
-    python -m experiments.bench_engine [--model DIR] [--budget 0.6] [--windows 32] [--seq-len 256]
+    python -m experiments.bench_engine [--model DIR|FILE.gguf] [--budget 0.6] [--windows 32] [--seq-len 256]
 
 Prints, against one plain forward pass over the same evaluation windows:
   - importance pass (hooks + running statistics) time ÷ plain forward time

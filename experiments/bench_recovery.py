@@ -181,7 +181,8 @@ def compare(model_dir: Path, device: str, threads: int, work: Path, rounds: int 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=None, help="model directory (default: the reference model)")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="model directory or .gguf file (default: the reference model)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model_dir = args.model or reference.MODEL_DIR
-        if not (Path(model_dir) / "config.json").exists():
+        if not adapter.is_gguf(model_dir) and not (Path(model_dir) / "config.json").exists():
             print(f"{model_dir} has no model yet; training a small stand-in", file=sys.stderr)
             model_dir = stand_in_model(adapter.load_tokenizer(reference.MODEL_DIR), work / "stand_in")
         print(json.dumps(compare(Path(model_dir), args.device, args.threads, work), indent=2))

@@ -6,10 +6,14 @@ Everything else in the project talks to decoder layers through `LayerParts`
 
 from __future__ import annotations
 
+import copy
+import functools
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
@@ -120,7 +124,98 @@ def model_spec(model: PreTrainedModel) -> ModelSpec:
     return spec_from_config(model.config, str(getattr(model, "name_or_path", "") or model.config.model_type))
 
 
+def is_gguf(name_or_path: str | Path) -> bool:
+    """A path ending in .gguf: one llama.cpp file, which transformers dequantizes (pip install 'prunesearch[gguf]')."""
+    return str(name_or_path).lower().endswith(".gguf")
+
+
+def _gguf_location(name_or_path: str | Path) -> tuple[str, dict]:
+    """(directory, from_pretrained keywords) of a local GGUF file."""
+    path = Path(name_or_path)
+    return str(path.parent), {"gguf_file": path.name}
+
+
+def _gguf_package():
+    try:
+        import accelerate  # noqa: F401  (transformers' GGUF loading needs it)
+        import gguf
+    except ImportError as err:
+        raise UnsupportedModelError("reading a GGUF file needs the gguf and accelerate packages: "
+                                    "pip install 'prunesearch[gguf]'") from err
+    return gguf
+
+
+def _dequantizable(gguf, qtype) -> bool:
+    """Whether gguf (which transformers dequantizes with) implements `qtype`: tried on one zero block."""
+    _, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    try:
+        gguf.quants.dequantize(np.zeros((1, type_size), np.uint8), qtype)
+    except NotImplementedError:
+        return False
+    return True
+
+
+def _check_gguf(path: Path) -> dict:
+    """Refuse, before any weight is dequantized, a GGUF file that is cut short, of an architecture
+    outside FAMILIES, or holding a tensor type transformers cannot dequantize. Return the config fields the
+    file's tensors call for that transformers does not read (`_gguf_bias_flags`)."""
+    gguf = _gguf_package()
+    try:
+        reader = gguf.GGUFReader(path)  # maps every tensor: a file cut short fails here
+    except (ValueError, IndexError, KeyError) as err:
+        raise UnsupportedModelError(f"{path} is not a complete GGUF file ({path.stat().st_size:,} bytes); it may be "
+                                    "truncated (an interrupted download or copy): fetch it again") from err
+    field = reader.fields.get("general.architecture")
+    arch = field.contents() if field else None
+    if arch not in FAMILIES:
+        raise UnsupportedModelError(
+            f"{path.name} holds a {arch!r} model (GGUF general.architecture); supported are "
+            f"{', '.join(FAMILIES)}: give a GGUF file of one of those, or the model's Hugging Face directory")
+    types = {t.tensor_type for t in reader.tensors}
+    bad = sorted(gguf.GGMLQuantizationType(q).name for q in types if not _dequantizable(gguf, q))
+    if bad:
+        raise UnsupportedModelError(
+            f"{path.name} stores tensors as {', '.join(bad)}, which transformers cannot dequantize (the gguf package "
+            "implements no dequantization for it); give a file of another type (F32, F16, BF16, Q8_0, Q4_K_M...)")
+    return _gguf_bias_flags(arch, {t.name for t in reader.tensors})
+
+
+def _gguf_bias_flags(arch: str, tensors: set[str]) -> dict:
+    """transformers reads a `llama` GGUF into a LlamaConfig without biases and drops the file's bias tensors;
+    these flags keep them. Biases on q/k/v only (a Qwen2 written as `llama`, see finetune.gguf) leave o_proj a
+    zero bias (missing weights start at zero), which computes the same function."""
+    if arch != "llama":
+        return {}
+    flags = {}
+    if any(re.search(r"\.attn_(q|k|v|output)\.bias$", name) for name in tensors):
+        flags["attention_bias"] = True
+    if any(re.search(r"\.ffn_(gate|up|down)\.bias$", name) for name in tensors):
+        flags["mlp_bias"] = True
+    return flags
+
+
+def _gguf_config(path: Path) -> PretrainedConfig:
+    """The config transformers reads from a checked GGUF file's metadata (no weights are read); a copy of the one
+    read for this version of the file (a real model's metadata, its vocabulary included, takes seconds to parse,
+    and a run reads it for the plan, the tokenizer and the model)."""
+    if not path.is_file():
+        raise UnsupportedModelError(f"no GGUF file at {path}; give --model an existing .gguf file or a model directory")
+    stat = path.stat()
+    return copy.deepcopy(_read_gguf_config(str(path.resolve()), stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=4)
+def _read_gguf_config(path: str, mtime_ns: int, size: int) -> PretrainedConfig:
+    flags = _check_gguf(Path(path))
+    directory, gguf_file = _gguf_location(path)
+    return AutoConfig.from_pretrained(directory, **gguf_file, **flags)
+
+
 def load_config(name_or_path: str) -> PretrainedConfig:
+    if is_gguf(name_or_path):
+        config = _gguf_config(Path(name_or_path))
+        _check_family(config, name_or_path)
+        return config
     try:
         config = AutoConfig.from_pretrained(name_or_path)
     except OSError as err:
@@ -133,13 +228,24 @@ def load_config(name_or_path: str) -> PretrainedConfig:
 
 
 def load_model(name_or_path: str | Path, device: torch.device, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """Load a supported causal LM, checking its family before any weight is read."""
-    load_config(str(name_or_path))
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+    """Load a supported causal LM, checking its family before any weight is read; a GGUF file is dequantized
+    to `dtype`."""
+    config = load_config(str(name_or_path))
+    if is_gguf(name_or_path):
+        directory, gguf_file = _gguf_location(name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(directory, config=config, dtype=dtype, **gguf_file)
+        model.name_or_path = str(name_or_path)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
     return model.to(device).eval()
 
 
 def load_tokenizer(name_or_path: str | Path):
+    """The model's tokenizer; a GGUF file carries its own."""
+    if is_gguf(name_or_path):
+        _gguf_config(Path(name_or_path))  # the file's checks
+        directory, gguf_file = _gguf_location(name_or_path)
+        return AutoTokenizer.from_pretrained(directory, **gguf_file)
     return AutoTokenizer.from_pretrained(name_or_path)
 
 

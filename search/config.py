@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
@@ -134,12 +135,39 @@ class RunConfig:
     def run_dir(self) -> Path:
         if self.out:
             return Path(self.out)
-        model = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(self.model.rstrip("/")).name)
+        source = Path(self.model.rstrip("/"))
+        name = source.stem if source.suffix.lower() == ".gguf" else source.name
+        model = re.sub(r"[^A-Za-z0-9._-]+", "-", name)
         budget = self.budget.replace("%", "pct").replace(".", "p")
         return Path("runs") / f"{model}-{budget}-{time.strftime('%Y%m%d-%H%M%S')}"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """The model file a run was read from (a GGUF), as it was then: resuming or exporting checks it is unchanged."""
+
+    path: str
+    sha256: str
+    size: int  # bytes
+
+    @classmethod
+    def of(cls, path: str | Path) -> ModelSource:
+        """Hash the file in 1 MiB chunks (a model file need not fit in memory)."""
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        return cls(str(path), digest.hexdigest(), Path(path).stat().st_size)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelSource:
+        return cls(**json.loads(text))
 
 
 @dataclass(frozen=True)
@@ -155,6 +183,10 @@ class RunLayout:
     @property
     def config(self) -> Path:
         return self.root / "run.json"
+
+    @property
+    def model_source(self) -> Path:
+        return self.root / "model_source.json"
 
     @property
     def predictor(self) -> Path:

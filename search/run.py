@@ -61,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m search.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
-        "--model", default=d.model, help="local model directory or hub id (default: the shipped reference model)"
+        "--model", default=d.model,
+        help="local model directory, hub id, or .gguf file (dequantized; pip install 'prunesearch[gguf]') "
+        "(default: the shipped reference model)"
     )
     p.add_argument(
         "--budget",
@@ -215,6 +217,7 @@ def identity(setup: Setup) -> dict:
         "sensitivity": [c.sensitivity_windows, c.sensitivity_points, c.local_table and c.local_reach]
         if c.sampler in TABLE_SAMPLERS else None,
         **({} if c.objective == "perplexity" else {"objective_settings": objective_settings(c)}),
+        **({"model_sha256": setup.source.sha256} if setup.source else {}),
     }
 
 
@@ -420,6 +423,8 @@ def start(config: RunConfig) -> tuple[Setup, optuna.Study, Importance, Sensitivi
     fresh = not layout.root.exists()
     layout.root.mkdir(parents=True, exist_ok=True)
     try:
+        if setup.source:  # the file's sha256, before anything is measured on it
+            write_atomic(layout.model_source, setup.source.to_json())
         storage = open_storage(layout.storage_url(config))
         direction = objective_class(config.objective).direction
         study = open_study(storage, layout.study_name(config), None, identity(setup), direction)

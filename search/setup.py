@@ -14,7 +14,7 @@ from pruning.data import DataError, evenly_spaced, read_text, token_windows
 from pruning.metrics import default_device
 from search import objectives
 from search.budget import BudgetError, parse_budget
-from search.config import ConfigError, RunConfig, RunLayout
+from search.config import ConfigError, ModelSource, RunConfig, RunLayout
 from search.space import InfeasibleBudgetError, SearchSpace, SpaceError
 from search.study import StorageError, StudyMismatchError, open_storage
 
@@ -50,6 +50,7 @@ class Setup:
     final_windows: torch.Tensor  # (K, T) evenly spread over the evaluation text; the search windows are M of them
     held_out: torch.Tensor  # (K - M, T) the final windows no trial is measured on: what results are reported on
     suite: objectives.Suite | None = None  # lm-eval tasks, loaded and checked once
+    source: ModelSource | None = None  # the GGUF file the model was read from (None: a directory or hub id)
     _objectives: dict = field(default_factory=dict, repr=False)
 
     def objective(self, split: str = "search") -> objectives.Objective:
@@ -90,6 +91,21 @@ def check_seq_len(config: RunConfig, model_config) -> None:
                           f"on (max_position_embeddings); give --seq-len {limit} or less")
 
 
+def model_source(config: RunConfig, layout: RunLayout) -> ModelSource | None:
+    """The record of a GGUF --model (None for a directory or hub id); ConfigError where the run directory was
+    made from another file (resuming or exporting it would mix two models)."""
+    if not adapter.is_gguf(config.model):
+        return None
+    source = ModelSource.of(config.model)
+    if layout.model_source.exists():
+        recorded = ModelSource.from_json(layout.model_source.read_text())
+        if recorded.sha256 != source.sha256:
+            raise ConfigError(f"{config.model} (sha256 {source.sha256}) is not the file {layout.root} was made from "
+                              f"({recorded.path}, sha256 {recorded.sha256}); give that file as --model, or start a "
+                              "new run with another --out")
+    return source
+
+
 def prepare(config: RunConfig) -> Setup:
     model_config = adapter.load_config(config.model)
     check_seq_len(config, model_config)
@@ -119,9 +135,10 @@ def prepare(config: RunConfig) -> Setup:
             f"the evaluation text gives {len(final)} windows and the search measures all of them, so none is left "
             "to report on; give more evaluation text or fewer --search-windows"
         )
-    model = adapter.load_model(config.model, device, run_dtype(device))
     layout = RunLayout(config.run_dir())
-    setup = Setup(config, layout, space, model, tokenizer, calibration, final[picked], final, held_out, suite)
+    source = model_source(config, layout)
+    model = adapter.load_model(config.model, device, run_dtype(device))
+    setup = Setup(config, layout, space, model, tokenizer, calibration, final[picked], final, held_out, suite, source)
     setup.objective("search")  # refuses now what the objective cannot measure (e.g. too few lm-eval documents)
     return setup
 
