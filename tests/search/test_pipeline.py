@@ -50,7 +50,12 @@ def test_recover_architecture_slices_and_exports_any_architecture(tiny_model_dir
     assert record.export == str(tmp_path / "model") and record.recovered is None and record.final == record.pruned
     importance = load_or_compute(setup.model, setup.calibration, config.importance, tmp_path / "run")
     assert record.dense["perplexity"] == pytest.approx(perplexity(setup.model, setup.held_out), rel=1e-6)
-    with masked(setup.model, arch, importance):
+    with masked(setup.model, arch, importance):  # the slice before reconstruction
+        assert record.unreconstructed["perplexity"] == pytest.approx(perplexity(setup.model, setup.held_out),
+                                                                     rel=1e-5)
+    from pruning.reconstruct import ReconstructionConfig, reconstructed
+
+    with reconstructed(setup.model, arch, importance, setup.calibration, ReconstructionConfig()):
         assert record.pruned["perplexity"] == pytest.approx(perplexity(setup.model, setup.held_out), rel=1e-5)
 
 
