@@ -31,6 +31,7 @@ from transformers import PreTrainedModel
 
 from pruning import adapter
 from pruning.architecture import Architecture
+from pruning.data import evenly_spaced
 from pruning.importance import Importance
 
 DEFAULT_DAMP = 1e-4  # chosen on the search windows (experiments.reconstruct_study)
@@ -145,8 +146,7 @@ def reconstruct(model: PreTrainedModel, arch: Architecture, importance: Importan
     Afterwards the removed units' o_proj / down_proj columns are zero, so the model computes the pruned
     architecture with re-fitted weights; `slicing.slice_model(model, arch, importance)` then keeps those weights.
     """
-    picked = torch.linspace(0, len(windows) - 1, min(config.windows, len(windows))).round().long().unique()
-    batches = _layer_inputs(model, windows[picked], config.batch_size)
+    batches = _layer_inputs(model, windows[evenly_spaced(len(windows), config.windows)], config.batch_size)
     layers = adapter.decoder_layers(model)
     for i, layer in enumerate(tqdm(layers, desc="reconstruct", leave=False)):
         parts = adapter.layer_parts(layer)
