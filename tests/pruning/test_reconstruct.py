@@ -1,4 +1,6 @@
-"""Reconstruction: the least-squares rule, layer order on the pruned model's own activations, exact slicing."""
+"""Reconstruction: the least-squares rule, its dense target and layer order, exact slicing."""
+
+import copy
 
 import pytest
 import torch
@@ -30,16 +32,35 @@ def test_refit_is_the_damped_least_squares_solution():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(500, 12, generator=g, dtype=torch.float64) @ torch.randn(12, 12, generator=g, dtype=torch.float64)
     w = torch.randn(5, 12, generator=g, dtype=torch.float64)
+    y = x @ w.T + torch.randn(500, 5, generator=g, dtype=torch.float64)  # a target the kept columns cannot reach
     kept = torch.tensor([0, 2, 3, 7, 8, 11])
-    new = refit(w, x.T @ x, kept, damp=1e-12)
-    expected = torch.linalg.lstsq(x[:, kept], x @ w.T).solution.T  # argmin ||x_S W'^T - x W^T||
-    torch.testing.assert_close(new[:, kept], expected, atol=1e-8, rtol=0)
+    x_s = x[:, kept]
+    new = refit(w, x_s.T @ x_s, x_s.T @ y, kept, damp=1e-12)
+    torch.testing.assert_close(new[:, kept], torch.linalg.lstsq(x_s, y).solution.T, atol=1e-8, rtol=0)
     assert torch.count_nonzero(new[:, [1, 4, 5, 6, 9, 10]]) == 0
-    plain = (x[:, kept] @ w[:, kept].T - x @ w.T).square().sum()
-    assert (x[:, kept] @ new[:, kept].T - x @ w.T).square().sum() < plain
+    # the ridge form: the least-squares solution of [X_S; sqrt(λ) I] W'^T = [Y; sqrt(λ) W_S^T]
+    damp = 0.3
+    lam = damp * (x_s.T @ x_s).diagonal().mean()
+    stacked = torch.linalg.lstsq(torch.cat([x_s, lam.sqrt() * torch.eye(6, dtype=x.dtype)]),
+                                 torch.cat([y, lam.sqrt() * w[:, kept].T])).solution.T
+    torch.testing.assert_close(refit(w, x_s.T @ x_s, x_s.T @ y, kept, damp)[:, kept], stacked, atol=1e-8, rtol=0)
     # a stronger damping pulls the fit back towards the kept weights as they were
-    damped = refit(w, x.T @ x, kept, damp=1e3)
+    damped = refit(w, x_s.T @ x_s, x_s.T @ y, kept, damp=1e3)
     assert (damped[:, kept] - w[:, kept]).norm() < (new[:, kept] - w[:, kept]).norm()
+
+
+def test_self_target_is_the_closed_form_that_ignores_the_drift():
+    """target="self" fits W x on the pruned stream: W'_S = W_S + W_R C_RS (C_SS + λI)^-1."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 10, generator=g, dtype=torch.float64)
+    w = torch.randn(4, 10, generator=g, dtype=torch.float64)
+    kept, removed = torch.tensor([1, 2, 5, 6, 9]), torch.tensor([0, 3, 4, 7, 8])
+    c = x.T @ x
+    c_ss = c[kept][:, kept]
+    damped = c_ss + 0.01 * c_ss.diagonal().mean() * torch.eye(5, dtype=x.dtype)
+    closed = w[:, kept] + w[:, removed] @ c[removed][:, kept] @ torch.linalg.inv(damped)
+    new = refit(w, c_ss, x[:, kept].T @ (x @ w.T), kept, damp=0.01)
+    torch.testing.assert_close(new[:, kept], closed, atol=1e-9, rtol=0)
 
 
 @pytest.mark.parametrize(("family", "tie"), [("llama", False), ("mistral", True), ("qwen2", False)])
@@ -54,32 +75,50 @@ def test_reconstructed_full_model_equals_masked_and_sliced(family, tie, windows)
     torch.testing.assert_close(logits(sliced, windows), full, atol=1e-5, rtol=0)
 
 
-def _naive(model, arch, importance, calibration, damp):
-    """Reference: for each layer in order, a whole-model forward on the calibration windows with the earlier
-    layers already re-fitted (and the dropped sublayers zeroed); covariances of o_proj, then down_proj."""
-    for i, layer in enumerate(adapter.decoder_layers(model)):
-        parts, shape = adapter.layer_parts(layer), arch.layers[i]
+def _inputs(model, modules, ids) -> list[torch.Tensor]:
+    """What each of `modules` receives in a whole-model forward on `ids`, as (N*T, features) float64."""
+    seen = {m: [] for m in modules}
+    handles = [m.register_forward_pre_hook(lambda mod, a: seen[mod].append(a[0].reshape(-1, a[0].shape[-1])))
+               for m in modules]
+    logits(model, ids)
+    for h in handles:
+        h.remove()
+    return [torch.cat(seen[m]).double() for m in modules]
+
+
+def _naive(model, arch, importance, calibration, damp, target):
+    """Reference: for each layer in order, whole-model forwards on the calibration windows: the model with the
+    earlier layers already re-fitted (and the dropped sublayers zeroed), and an untouched dense copy; the
+    sublayer's target is the dense projection's output plus the residual stream's drift (norm inputs)."""
+    dense = copy.deepcopy(model)
+    for i, (layer, dense_layer) in enumerate(zip(adapter.decoder_layers(model), adapter.decoder_layers(dense),
+                                                 strict=True)):
+        parts, dense_parts, shape = adapter.layer_parts(layer), adapter.layer_parts(dense_layer), arch.layers[i]
         if shape.attention_dropped:
             parts.o.weight.data.zero_()
         if shape.mlp_dropped:
             parts.down.weight.data.zero_()
-        for proj, kept in zip((parts.o, parts.down), kept_inputs(arch, importance, i), strict=True):
+        pairs = ((parts.attention_norm, parts.o, dense_parts.attention_norm, dense_parts.o),
+                 (parts.mlp_norm, parts.down, dense_parts.mlp_norm, dense_parts.down))
+        for (norm, proj, dense_norm, dense_proj), kept in zip(pairs, kept_inputs(arch, importance, i), strict=True):
             if kept is None:
                 continue
-            seen = []
-            handle = proj.register_forward_pre_hook(lambda m, a, seen=seen: seen.append(a[0].reshape(-1,
-                                                                                                       a[0].shape[-1])))
-            logits(model, calibration)
-            handle.remove()
-            x = torch.cat(seen).double()
-            proj.weight.data.copy_(refit(proj.weight.data, x.T @ x, kept, damp))
+            residual, x = _inputs(model, (norm, proj), calibration)
+            if target == "dense":
+                dense_residual, dense_x = _inputs(dense, (dense_norm, dense_proj), calibration)
+                y = dense_x @ dense_proj.weight.double().T + dense_residual - residual
+            else:
+                y = x @ proj.weight.double().T
+            x_s = x[:, kept]
+            proj.weight.data.copy_(refit(proj.weight.data, x_s.T @ x_s, x_s.T @ y, kept, damp))
     return model
 
 
-def test_layers_are_refitted_in_order_on_the_pruned_model_s_own_activations(windows):
+@pytest.mark.parametrize("target", ["dense", "self"])
+def test_layers_are_refitted_in_order_against_whole_model_forwards(target):
     model, calibration, importance, arch = setup()
-    reference = _naive(tiny_model("llama"), arch, importance, calibration, 0.05)
-    reconstruct(model, arch, importance, calibration, ReconstructionConfig(damp=0.05, batch_size=3))
+    reference = _naive(tiny_model("llama"), arch, importance, calibration, 0.05, target)
+    reconstruct(model, arch, importance, calibration, ReconstructionConfig(damp=0.05, batch_size=3, target=target))
     for mine, theirs in zip(model.state_dict().values(), reference.state_dict().values(), strict=True):
         torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
 
@@ -110,3 +149,5 @@ def test_bad_settings_say_what_to_change():
         ReconstructionConfig(damp=0)
     with pytest.raises(ValueError, match="at least 1"):
         ReconstructionConfig(windows=0)
+    with pytest.raises(ValueError, match="target must be one of"):
+        ReconstructionConfig(target="teacher")
