@@ -4,7 +4,8 @@
 
 For every search run under --compare (`experiments.compare` writes them; each is one budget and seed):
 
-1. damping: the best architecture re-fitted at each --damps value, measured on the search windows (what the
+1. target and damping: the best architecture re-fitted (to the dense output plus drift, and to its own
+   stream) at each --damps value, measured on the search windows (what the
    default is chosen on) and on the held-out windows (reported only);
 2. units: the same architecture keeping units chosen by Wanda scores (the search's) or by their OBS
    saliency ||W[:, c]||^2 / [C^-1]_cc (the error a least-squares re-fit cannot undo when c alone goes, as in
@@ -36,7 +37,7 @@ from pruning.architecture import Architecture
 from pruning.importance import Importance, load_or_compute
 from pruning.masking import masked
 from pruning.metrics import perplexity
-from pruning.reconstruct import DEFAULT_DAMP, ReconstructionConfig, reconstructed
+from pruning.reconstruct import TARGETS, ReconstructionConfig, reconstructed
 from search.config import RunConfig
 from search.setup import prepare
 from search.trials import measurements
@@ -74,20 +75,23 @@ def obs_importance(model, windows: torch.Tensor, like: Importance, batch_size: i
     return Importance(spec, "obs", heads, tuple(saliency(i, "down", p.down) for i, p in enumerate(parts)))
 
 
-def refit_perplexity(model, arch, importance, calibration, windows, damp, batch) -> tuple[float, float]:
-    """(perplexity on `windows` of `arch` re-fitted at `damp`, seconds of the re-fit)."""
+def refit_perplexity(model, arch, importance, calibration, windows: dict, settings: ReconstructionConfig) -> dict:
+    """{name: perplexity on windows[name]} of `arch` re-fitted once with `settings`, and its "seconds"."""
     started = time.perf_counter()
-    with reconstructed(model, arch, importance, calibration, ReconstructionConfig(damp=damp, batch_size=batch)):
-        seconds = time.perf_counter() - started
-        return perplexity(model, windows, batch), seconds
+    with reconstructed(model, arch, importance, calibration, settings):
+        row = {"seconds": time.perf_counter() - started}
+        row.update({name: perplexity(model, w, settings.batch_size) for name, w in windows.items()})
+    return row
 
 
 def memory_bound(spec, windows: int, seq_len: int, bytes_per: int = 4) -> tuple[int, int]:
-    """(extra bytes the re-fit holds at most, the model's weight bytes): two copies of the layer inputs' cache,
-    the float32 covariance of the widest projection input and its float64 kept block (at most as large)."""
-    width = max(spec.num_heads * spec.head_dim, spec.intermediate_size)
-    cache = 2 * windows * seq_len * spec.hidden_size * bytes_per
-    return cache + width * width * (4 + 8), Architecture.full(spec).params() * bytes_per
+    """(extra bytes the re-fit holds at most, the model's weight bytes): three caches of the layer inputs (the
+    pruned stream, the dense stream and its mid-layer residual), and for the widest projection (every input kept,
+    the worst case) its float32 Gram matrix and float64 copy, and its float32 cross term (k, out)."""
+    width, hidden = max(spec.num_heads * spec.head_dim, spec.intermediate_size), spec.hidden_size
+    caches = 3 * windows * seq_len * hidden * bytes_per
+    statistics = width * width * (4 + 8) + width * hidden * 4
+    return caches + statistics, Architecture.full(spec).params() * bytes_per
 
 
 def study_run(run_dir: Path, damps: list[float], top: int, loaded: dict) -> dict:
@@ -107,25 +111,25 @@ def study_run(run_dir: Path, damps: list[float], top: int, loaded: dict) -> dict
     with masked(model, best, importance):
         row["raw search"], row["trial seconds"] = perplexity(model, search, batch), time.perf_counter() - started
         row["raw held-out"] = perplexity(model, held, batch)
-    for damp in damps:
-        row[f"search damp {damp:g}"], seconds = refit_perplexity(model, best, importance, setup.calibration, search,
-                                                                 damp, batch)
-        row[f"held-out damp {damp:g}"], _ = refit_perplexity(model, best, importance, setup.calibration, held, damp,
-                                                             batch)
-        row.setdefault("refit seconds", seconds)
+    both = {"search": search, "held-out": held}
+    for target in TARGETS:
+        for damp in damps:
+            fit = refit_perplexity(model, best, importance, setup.calibration, both,
+                                   ReconstructionConfig(damp=damp, batch_size=batch, target=target))
+            row.update({f"{name} {target} damp {damp:g}": fit[name] for name in both})
+            row.setdefault(f"refit seconds {target}", fit["seconds"])
+    default = ReconstructionConfig(batch_size=batch)
     obs = obs_importance(model, setup.calibration, importance, batch)
     for name, scores in (("wanda", importance), ("obs", obs)):
-        row[f"units {name} search"], _ = refit_perplexity(model, best, scores, setup.calibration, search,
-                                                          DEFAULT_DAMP, batch)
-        row[f"units {name} held-out"], _ = refit_perplexity(model, best, scores, setup.calibration, held,
-                                                            DEFAULT_DAMP, batch)
+        fit = refit_perplexity(model, best, scores, setup.calibration, both, default)
+        row.update({f"units {name} {window}": fit[window] for window in both})
     candidates = [m.architecture for m in ranked[:top]]
-    rescored = [refit_perplexity(model, a, importance, setup.calibration, search, DEFAULT_DAMP, batch)[0]
+    rescored = [refit_perplexity(model, a, importance, setup.calibration, {"search": search}, default)["search"]
                 for a in candidates]
     chosen = int(np.argmin(rescored))
     row["top-k chosen rank"] = chosen
-    row["top-k chosen held-out"] = refit_perplexity(model, candidates[chosen], importance, setup.calibration, held,
-                                                    DEFAULT_DAMP, batch)[0]
+    row["top-k chosen held-out"] = refit_perplexity(model, candidates[chosen], importance, setup.calibration,
+                                                    {"held-out": held}, default)["held-out"]
     row["top-k extra windows"] = top * len(search)
     extra, weights = memory_bound(setup.space.spec, min(32, len(setup.calibration)), config.seq_len)
     row["memory share"] = extra / weights
@@ -152,11 +156,12 @@ def main(argv: list[str] | None = None) -> int:
         print(rows[-1], file=sys.stderr)
         (out / "results.json").write_text(json.dumps(rows, indent=1))
     frame = pd.DataFrame(rows).set_index("run").T
-    search_means = {d: np.mean([r[f"search damp {d:g}"] for r in rows]) for d in args.damps}
+    search_means = {(t, d): np.mean([r[f"search {t} damp {d:g}"] for r in rows]) for t in TARGETS for d in args.damps}
     text = (f"Reconstruction study over {len(rows)} search runs of `{args.compare}`; command: "
             f"`python -m experiments.reconstruct_study {' '.join(argv or sys.argv[1:])}`\n\n"
-            f"Damping with the lowest mean search-window perplexity: {min(search_means, key=search_means.get):g} "
-            f"(means: {', '.join(f'{d:g}: {v:.3f}' for d, v in search_means.items())}).\n\n"
+            f"Target and damping with the lowest mean search-window perplexity: "
+            f"{' '.join(map(str, min(search_means, key=search_means.get)))} "
+            f"(means: {', '.join(f'{t} {d:g}: {v:.3f}' for (t, d), v in search_means.items())}).\n\n"
             f"{frame.to_markdown(floatfmt='.4g')}\n")
     (out / "results.md").write_text(text)
     print(text)
