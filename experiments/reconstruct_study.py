@@ -31,6 +31,7 @@ import optuna
 import pandas as pd
 import torch
 
+from experiments import provenance
 from pruning import adapter
 from pruning.architecture import Architecture
 from pruning.importance import Importance, load_or_compute
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             f"Damping with the lowest mean search-window perplexity: {min(search_means, key=search_means.get):g} "
             f"(means: {', '.join(f'{d:g}: {v:.3f}' for d, v in search_means.items())}).\n\n"
             f"{frame.to_markdown(floatfmt='.4g')}\n")
-    (out / "results.md").write_text(text)
+    (out / "results.md").write_text(provenance.header("experiments.reconstruct_study", argv) + text)
     print(text)
     return 0
 
