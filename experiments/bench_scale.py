@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from experiments import provenance
 from pruning import adapter, importance, reference
 from search import export, objective, plan, run
 from search.config import RunConfig
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         report = table(memory, predicted, base, build_s, args)
         print(report)
         if args.keep:
-            (work / "bench_scale.md").write_text(report)
+            (work / "bench_scale.md").write_text(provenance.header("experiments.bench_scale", argv) + report)
             (work / "bench_scale.json").write_text(json.dumps(
                 {"base_rss": base, "peak_rss": memory.peak, "seconds": memory.seconds, "calls": memory.calls,
                  "plan": {s.name: s.device_bytes for s in predicted.stages}}, indent=2))

@@ -33,6 +33,7 @@ import pandas as pd
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from experiments import provenance
 from finetune.gguf import export_gguf
 from pruning import adapter, reference
 from pruning.architecture import Architecture
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             + layers)
     print(text)
     if args.out:
-        args.out.write_text(text, encoding="utf-8")
+        args.out.write_text(provenance.header("experiments.bench_serve", argv) + text, encoding="utf-8")
     return 0
 
 

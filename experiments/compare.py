@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from experiments import provenance
 from finetune.evaluate import EvalData
 from finetune.recover import recover
 from pruning.architecture import Architecture
@@ -374,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
                   key=lambda r: order[r.removed, r.method, r.seed, r.reconstructed])
     dense_ppl = perplexity(ctx.setup.model, ctx.held_out, base.batch_size)
     text = table(rows, dense_ppl, dense_params)
-    write_atomic(out / "results.md", text)
+    write_atomic(out / "results.md", provenance.header("experiments.compare", argv) + text)
     plot(rows, dense_ppl, out / "compare.png", f"{Path(args.model).name}: perplexity vs parameters")
     print(text)
     print(f"table: {out / 'results.md'}\nplot:  {out / 'compare.png'}")

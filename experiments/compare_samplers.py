@@ -23,6 +23,7 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
+from experiments import provenance
 from experiments.compare import run_config, share_tables
 from search.config import TABLE_SAMPLERS
 from search.pipeline import open_run_study, run_search
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     plot(curves, rivals, out / "curves.png", f"best so far at {args.budget} kept, seeds {args.seeds}")
     text = (f"Budget {args.budget} kept, {args.windows} evaluation windows per run\n\n"
             f"{finals.round(2).to_markdown(index=False)}\n")
-    write_atomic(out / "results.md", text)
+    write_atomic(out / "results.md", provenance.header("experiments.compare_samplers", argv) + text)
     print(text)
     return 0
 

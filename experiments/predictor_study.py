@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from experiments import provenance
 from predictor.base import Predictor
 from predictor.baselines import AdditiveBaseline, ForestBaseline, MassProxy, RidgeBaseline
 from predictor.features import FeatureBuilder
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     results.to_csv(out / "results.csv", index=False)
     summary.to_csv(out / "summary.csv", index=False)
     text = markdown(summary)
-    (out / "summary.md").write_text(text + "\n")
+    (out / "summary.md").write_text(provenance.header("experiments.predictor_study", argv) + text + "\n")
     print(text)
     return 0
 

@@ -32,6 +32,7 @@ import optuna
 import pandas as pd
 import torch
 
+from experiments import provenance
 from pruning import adapter
 from pruning.architecture import Architecture
 from pruning.importance import Importance, load_or_compute
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{' '.join(map(str, min(search_means, key=search_means.get)))} "
             f"(means: {', '.join(f'{t} {d:g}: {v:.3f}' for (t, d), v in search_means.items())}).\n\n"
             f"{frame.to_markdown(floatfmt='.4g')}\n")
-    (out / "results.md").write_text(text)
+    (out / "results.md").write_text(provenance.header("experiments.reconstruct_study", argv) + text)
     print(text)
     return 0
 

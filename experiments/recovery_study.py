@@ -16,6 +16,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from experiments import provenance
 from pruning.architecture import Architecture
 from search.config import RunConfig
 from search.export import RecoveryRecord
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {budget} | {params:,} | {values} | {cells['dense'] / best:.1%} |")
     text = "Perplexity on the evaluation windows (lower is better)\n\n" + "\n".join(lines) + "\n"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(text)
+    (out / "results.md").write_text(provenance.header("experiments.recovery_study", argv) + text)
     print(text)
     return 0
 

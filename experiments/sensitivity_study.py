@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import kendalltau
 
+from experiments import provenance
 from pruning.architecture import Architecture
 from pruning.importance import load_or_compute
 from pruning.masking import masked
@@ -75,9 +76,9 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(row, file=sys.stderr)
     frame = pd.DataFrame(rows)
-    text = (f"Sensitivity database on {setup.config.model}: {table.measurements()} options, grid {grid}\n\n"
+    text = (f"Sensitivity database on {Path(setup.config.model).name}: {table.measurements()} options, grid {grid}\n\n"
             f"{frame.round(3).to_markdown(index=False)}\n")
-    (out / "results.md").write_text(text)
+    (out / "results.md").write_text(provenance.header("experiments.sensitivity_study", argv) + text)
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     print(text)
     return 0

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from scipy.stats import kendalltau
 
+from experiments import provenance
 from finetune import next_line
 from predictor.features import FeatureBuilder
 from predictor.model import AccuracyPredictor
@@ -208,7 +209,6 @@ def held_out_examples() -> int:
 
 def markdown(args, rows: list[dict], study: dict | None) -> str:
     lines = ["# Task study: searching by the task, and how objectives rank candidates", "",
-             f"Command: `python -m experiments.task_study {' '.join(sys.argv[1:])}`", "",
              "Reference model, shipped next-line task (`finetune.next_line`, 4 options, chance 25%). Accuracy is "
              f"on the task's held-out 20% ({held_out_examples()} examples; no search or recovery choice was made on "
              "them), as a share of the dense model's on the same examples. Searches choose on "
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     study = objectives_study(args, out) if args.skip != "objectives" else None
     text = markdown(args, rows, study)
     (out / "results.json").write_text(json.dumps({"rows": rows, "study": study}, indent=2))
-    Path(args.results).write_text(text)
+    Path(args.results).write_text(provenance.header("experiments.task_study", argv) + text)
     print(text)
     return 0
 

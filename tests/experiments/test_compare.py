@@ -54,6 +54,7 @@ def test_every_method_on_the_same_budget_then_resume(tiny_model_dir, tmp_path, c
     assert table_cost < tables["windows_evaluated"] < 2 * table_cost
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "results.md").read_text()
+    assert table.startswith("- Command: `python -m experiments.compare --removed 35% --model "), table[:200]
     assert table.count("| 35% |") == len(saved["rows"]) == 2 * len(compare.METHODS) - len(compare.NOT_RECONSTRUCTED)
     assert table.count(" + reconstruction |") == len(rebuilt)
     assert capsys.readouterr().out.startswith("Dense model:")
