@@ -128,6 +128,7 @@ def test_trials_record_what_was_measured_and_predicted(finished_run):
     assert table["windows_evaluated"] == (table["measurements"] + 2) * 4
 
 
+@pytest.mark.slow
 def test_the_search_starts_from_the_knapsack_and_reports_on_held_out_windows(finished_run):
     from pruning.importance import load_or_compute
     from pruning.masking import masked
@@ -145,11 +146,15 @@ def test_the_search_starts_from_the_knapsack_and_reports_on_held_out_windows(fin
     assert local.base == rival  # the second table is measured around the rival
     assert study.trials[0].user_attrs[ARCH_ATTR] == rival.to_json()
     assert study.trials[1].user_attrs[ARCH_ATTR] == knapsack(setup.space, local).to_json()
-    assert min(t.value for t in study.get_trials(states=(TrialState.COMPLETE,))) <= study.trials[0].value
     summary = json.loads((finished_run / "summary.json").read_text())
     assert summary["held_out_windows"] == len(setup.held_out) == len(setup.final_windows) - 4
-    with masked(setup.model, rival, importance):
+    with masked(setup.model, rival, importance):  # the first trial's value and the baseline, measured again here
+        assert study.trials[0].value == perplexity(setup.model, setup.search_windows, config.batch_size)
         assert summary["knapsack_perplexity"] == perplexity(setup.model, setup.held_out, config.batch_size)
+    # the search improved on where it started, on its own windows and on the held-out ones no trial saw
+    best = study.trials[summary["best_trial"]]
+    assert best.value < study.trials[0].value
+    assert summary["best_perplexity"] < summary["knapsack_perplexity"]
     assert summary["windows_evaluated"] == study.user_attrs["sensitivity"]["windows_evaluated"] + 9 * 4
 
 
@@ -197,6 +202,49 @@ def test_missing_model_is_named(tmp_path, capsys):
     assert run.main(["--model", str(tmp_path / "nope"), "--out", str(tmp_path / "run")]) == 2
     assert "cannot load a model config" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def short_text(root, tokens: int) -> str:
+    """About `tokens` tokens of the tiny model's evaluation text."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(root / "model")
+    ids = tokenizer((root / "evaluation.txt").read_text(), add_special_tokens=False)["input_ids"]
+    return tokenizer.decode(ids[:tokens])
+
+
+@pytest.mark.parametrize("case", ["missing calibration", "missing evaluation", "directory without text files",
+                                  "directory of empty text", "evaluation leaves nothing held out", "budget 0",
+                                  "budget 0%"])
+def test_bad_data_or_budget_exits_2_says_what_to_change_and_writes_nothing(tiny_model_dir, tmp_path, capsys, case):
+    missing, empty = tmp_path / "missing.txt", tmp_path / "notes"
+    empty.mkdir()
+    if case == "directory of empty text":
+        (empty / "notes.txt").write_text("")
+    else:
+        (empty / "notes.bin").write_bytes(b"\0")  # a file, but not a text file
+    short = tmp_path / "short.txt"
+    short.write_text(short_text(tiny_model_dir, 3 * 32 + 8))  # 3 windows of 32 tokens: the 4 searched take all
+    extra, message = {
+        "missing calibration": (["--calibration", str(missing)], f"no such file or directory: '{missing}'; give a "
+                                "text file, a directory of text files, or one of wikitext2, c4"),
+        "missing evaluation": (["--evaluation", str(missing)], f"no such file or directory: '{missing}'; give a "
+                               "text file, a directory of text files"),
+        "directory without text files": (["--calibration", str(empty)], f"{empty} holds no text files (.json, "
+                                         ".jsonl, .md, .py, .rst, .txt)"),
+        "directory of empty text": (["--evaluation", str(empty)], "the evaluation text has 0 tokens, fewer than one "
+                                    "window of 32; give more text or a shorter --seq-len"),
+        "evaluation leaves nothing held out": (["--evaluation", str(short)], "the evaluation text gives 3 windows "
+                                               "and the search measures all of them, so none is left to report on; "
+                                               "give more evaluation text or fewer --search-windows"),
+        "budget 0": (["--budget", "0"], "budget 0 is not positive; give e.g. 70% or 5B"),
+        "budget 0%": (["--budget", "0%"], "budget 0% is not positive; give e.g. 70% or 5B"),
+    }[case]
+    before = sorted(tmp_path.rglob("*"))
+    out = tmp_path / "run"
+    assert run.main(args(tiny_model_dir, out, *extra)) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists() and sorted(tmp_path.rglob("*")) == before
 
 
 @pytest.mark.slow
