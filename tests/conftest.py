@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import pytest
@@ -12,7 +13,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2
 torch.set_num_threads(1)
 
 FAMILIES = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
-# CI sets this: a test whose service (PostgreSQL) is missing fails instead of skipping.
+# CI sets this: a test whose service (PostgreSQL), real model or optional package is missing fails instead of skipping.
 REQUIRE_SERVICES = os.environ.get("PRUNESEARCH_REQUIRE_SERVICES") == "1"
 
 
@@ -21,6 +22,15 @@ def service_unavailable(message: str):
     if REQUIRE_SERVICES:
         pytest.fail(f"{message} (PRUNESEARCH_REQUIRE_SERVICES=1 requires it)")
     pytest.skip(message)
+
+
+def optional_package(name: str, install: str):
+    """The module `name` of an optional extra; without it the test skips, saying `install`, or fails where CI
+    requires every tier (unlike pytest.importorskip, which always skips)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as err:
+        service_unavailable(f"needs {name}: {install} ({err})")
 
 
 def tiny_config(family: str = "llama", tie: bool = False, **overrides):
@@ -59,19 +69,24 @@ def _train_tokenizer(text: str, vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    """A tiny Llama with its own BPE tokenizer and calibration/evaluation text, saved like a real checkpoint."""
+def save_tiny_model_dir(root, **overrides):
+    """`root` with a tiny Llama (4 layers, `tiny_config` with `overrides`) and its own BPE tokenizer in model/, and
+    calibration.txt / evaluation.txt (the two halves of the json package's source), saved like a real checkpoint."""
     import json
     import pathlib
 
-    root = tmp_path_factory.mktemp("tiny-llama")
     source = pathlib.Path(json.__file__).parent
     text = "\n\n".join(p.read_text() for p in sorted(source.glob("*.py")))
     tokenizer = _train_tokenizer(text, vocab_size=400)
-    model = tiny_model("llama", vocab_size=len(tokenizer), num_hidden_layers=4)
+    model = tiny_model("llama", **{"vocab_size": len(tokenizer), "num_hidden_layers": 4, **overrides})
     model.save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
     (root / "calibration.txt").write_text(text[: len(text) // 2])
     (root / "evaluation.txt").write_text(text[len(text) // 2 :])
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny Llama with its own BPE tokenizer and calibration/evaluation text (`save_tiny_model_dir`)."""
+    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"))

@@ -7,11 +7,20 @@ import optuna
 import pytest
 
 from experiments import compare
+from pruning.metrics import perplexity
 from search.config import RunConfig
-
-pytest.importorskip("torch_pruning")
+from search.setup import prepare
+from tests.conftest import optional_package, save_tiny_model_dir
 
 pytestmark = pytest.mark.slow  # end to end: runs, subprocesses or servers
+# 8 query heads in 2 KV groups, 8 wide: a shape Torch-Pruning 1.6 prunes (the tiny model's 6 heads, 3 per KV head,
+# it cannot: see test_torch_pruning_failing_on_a_shape_is_a_row_marked_failed_with_its_reason)
+TORCH_PRUNING_SHAPE = dict(hidden_size=64, head_dim=8, num_attention_heads=8, num_key_value_heads=2)
+
+
+@pytest.fixture(scope="module")
+def gqa_model_dir(tmp_path_factory):
+    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny-gqa"), **TORCH_PRUNING_SHAPE)
 
 
 def search_args(root):
@@ -26,9 +35,10 @@ def argv(root, out, *extra):
             "--", *search_args(root)]
 
 
-def test_every_method_on_the_same_budget_then_resume(tiny_model_dir, tmp_path, capsys):
+def test_every_method_on_the_same_budget_then_resume(gqa_model_dir, tmp_path, capsys):
+    optional_package("torch_pruning", 'pip install ".[bench]"')
     out = tmp_path / "compare"
-    assert compare.main(argv(tiny_model_dir, out)) == 0
+    assert compare.main(argv(gqa_model_dir, out)) == 0
     saved = json.loads((out / "results.json").read_text())
     rebuilt = {r["method"]: r for r in saved["rows"] if r["reconstructed"]}
     rows = {r["method"]: r for r in saved["rows"] if not r["reconstructed"]}
@@ -40,10 +50,9 @@ def test_every_method_on_the_same_budget_then_resume(tiny_model_dir, tmp_path, c
     summary = json.loads((out / "search-removed-35pct-seed0" / "summary.json").read_text())
     budget = summary["budget_params"]
     for r in rows.values():
-        if r["method"] == "Torch-Pruning" and r["note"].startswith("failed"):
-            continue  # Torch-Pruning 1.6 breaks on 3 query heads per KV head; recorded, and the others go on
         assert 0.85 * budget < r["params"] <= budget, r
         assert math.isfinite(r["pruned"]) and math.isfinite(r["recovered"]), r
+    assert_torch_pruning_row(rows["Torch-Pruning"], gqa_model_dir, budget)
     assert rows["searched"]["measured"] == summary["trials_complete"] == 6
     table_cost = rows["sensitivity knapsack"]["windows"]
     assert table_cost == (rows["sensitivity knapsack"]["measured"] + 1) * 4  # the table reads all 4 search windows
@@ -61,14 +70,45 @@ def test_every_method_on_the_same_budget_then_resume(tiny_model_dir, tmp_path, c
 
     # Same command again: nothing is re-measured, the table is rewritten from the saved rows.
     (out / "results.md").unlink()
-    assert compare.main(argv(tiny_model_dir, out)) == 0
+    assert compare.main(argv(gqa_model_dir, out)) == 0
     assert json.loads((out / "results.json").read_text()) == saved
     assert (out / "results.md").read_text() == table
 
     # Other settings in the same directory are refused, and nothing is overwritten.
-    assert compare.main(argv(tiny_model_dir, out, "--trials", "7")) == 2
+    assert compare.main(argv(gqa_model_dir, out, "--trials", "7")) == 2
     assert "other settings" in capsys.readouterr().err
     assert json.loads((out / "results.json").read_text()) == saved
+
+
+def assert_torch_pruning_row(row, root, budget):
+    """The row is Torch-Pruning's own model at `budget`, pruned again here and measured on the held-out windows."""
+    from experiments.torch_pruning_peer import count, prune_to_params
+
+    setup = prepare(compare.run_config(["--model", str(root / "model"), *search_args(root), "--budget", "65%"]))
+    assert setup.space.budget == budget
+    model, ratio, head_ratio = prune_to_params(setup.model, budget)
+    assert row["note"] == f"width ratio {ratio:.3f}, head ratio {head_ratio:.3f}"
+    assert head_ratio == 0.25  # two of the 8 query heads go: the row is a pruned model, not the dense one
+    assert row["params"] == count(model) < count(setup.model)
+    assert row["pruned"] == pytest.approx(perplexity(model, setup.held_out), rel=1e-5)
+    assert row["recovered"] != row["pruned"]  # the same LoRA recovery ran on it
+
+
+def test_torch_pruning_failing_on_a_shape_is_a_row_marked_failed_with_its_reason(tiny_model_dir, tmp_path, capsys):
+    from experiments.torch_pruning_peer import prune_to_params
+
+    optional_package("torch_pruning", 'pip install ".[bench]"')
+    out = tmp_path / "compare"
+    assert compare.main(argv(tiny_model_dir, out, "--methods", "Torch-Pruning")) == 0
+    (row,) = json.loads((out / "results.json").read_text())["rows"]
+    setup = prepare(compare.run_config(["--model", str(tiny_model_dir / "model"), *search_args(tiny_model_dir),
+                                        "--budget", "65%"]))
+    with pytest.raises(RuntimeError) as err:  # 6 query heads, 3 per KV head: Torch-Pruning 1.6 breaks on them
+        prune_to_params(setup.model, setup.space.budget)
+    assert row["method"] == "Torch-Pruning" and row["note"] == f"failed: {err.value}"[:160]
+    assert row["params"] == 0 and math.isnan(row["pruned"]) and math.isnan(row["recovered"])
+    assert f"| 35% | Torch-Pruning | | | | | | | | | | | failed: {err.value}" in (out / "results.md").read_text()
+    assert f"[compare] Torch-Pruning failed: {err.value!r}" in capsys.readouterr().err
 
 
 def test_held_out_windows_exclude_the_search_windows(tiny_model_dir):

@@ -37,3 +37,22 @@ def test_the_readme_shows_the_test_command_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     (command,) = [line for line in ci.splitlines() if "python -m pytest" in line]
     assert command in README
+
+
+def test_a_missing_optional_package_fails_where_ci_requires_every_tier(monkeypatch):
+    import sys
+
+    from tests import conftest
+
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    (command,) = [line for line in ci.splitlines() if "python -m pytest" in line]
+    assert "PRUNESEARCH_REQUIRE_SERVICES=1 " in command
+    monkeypatch.setitem(sys.modules, "torch_pruning", None)  # as on a machine without it: the import raises
+    monkeypatch.setattr(conftest, "REQUIRE_SERVICES", True)
+    with pytest.raises(pytest.fail.Exception, match=r"needs torch_pruning: pip install .*REQUIRE_SERVICES=1"):
+        conftest.optional_package("torch_pruning", 'pip install ".[bench]"')
+    monkeypatch.setattr(conftest, "REQUIRE_SERVICES", False)
+    with pytest.raises(pytest.skip.Exception, match="needs torch_pruning"):
+        conftest.optional_package("torch_pruning", 'pip install ".[bench]"')
+    monkeypatch.undo()
+    assert conftest.optional_package("json", "(the standard library)") is __import__("json")

@@ -4,10 +4,7 @@ import pytest
 import torch
 
 from experiments.torch_pruning_peer import allowed_head_ratio, count, prune_to_params
-from tests.conftest import tiny_model
-
-pytest.importorskip("torch_pruning")
-
+from tests.conftest import optional_package, tiny_model
 
 SHAPES = {"gqa": dict(num_attention_heads=8, num_key_value_heads=2),  # like the reference model
           "mha": dict(num_attention_heads=4, num_key_value_heads=4)}
@@ -15,6 +12,7 @@ SHAPES = {"gqa": dict(num_attention_heads=8, num_key_value_heads=2),  # like the
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_prunes_to_the_budget_and_runs(shape, windows):
+    optional_package("torch_pruning", 'pip install ".[bench]"')
     dense = tiny_model("llama", hidden_size=64, head_dim=8, **SHAPES[shape])
     before = count(dense)
     budget = int(0.7 * before)

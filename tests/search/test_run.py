@@ -128,6 +128,7 @@ def test_trials_record_what_was_measured_and_predicted(finished_run):
     assert table["windows_evaluated"] == (table["measurements"] + 2) * 4
 
 
+@pytest.mark.slow
 def test_the_search_starts_from_the_knapsack_and_reports_on_held_out_windows(finished_run):
     from pruning.importance import load_or_compute
     from pruning.masking import masked
@@ -145,11 +146,15 @@ def test_the_search_starts_from_the_knapsack_and_reports_on_held_out_windows(fin
     assert local.base == rival  # the second table is measured around the rival
     assert study.trials[0].user_attrs[ARCH_ATTR] == rival.to_json()
     assert study.trials[1].user_attrs[ARCH_ATTR] == knapsack(setup.space, local).to_json()
-    assert min(t.value for t in study.get_trials(states=(TrialState.COMPLETE,))) <= study.trials[0].value
     summary = json.loads((finished_run / "summary.json").read_text())
     assert summary["held_out_windows"] == len(setup.held_out) == len(setup.final_windows) - 4
-    with masked(setup.model, rival, importance):
+    with masked(setup.model, rival, importance):  # the first trial's value and the baseline, measured again here
+        assert study.trials[0].value == perplexity(setup.model, setup.search_windows, config.batch_size)
         assert summary["knapsack_perplexity"] == perplexity(setup.model, setup.held_out, config.batch_size)
+    # on the held-out windows no trial saw, the searched model beats the uniform and threshold baselines, measured
+    # apart (on this random tiny model by little: 401.52 against 401.57 and 402.91, fixed seeds; in 9 trials its
+    # best is the knapsack it started from, so that is all the search is asked to beat here)
+    assert summary["best_perplexity"] < min(summary["uniform_perplexity"], summary["threshold_perplexity"])
     assert summary["windows_evaluated"] == study.user_attrs["sensitivity"]["windows_evaluated"] + 9 * 4
 
 
@@ -160,6 +165,77 @@ def test_rerun_resumes_without_remeasuring(finished_run, tiny_model_dir):
     after = load(finished_run).trials
     assert len(after) == 11
     assert {t.number: (t.value, t.datetime_complete) for t in after[:9]} == before
+
+
+SPY = """# `python -m search.run` with this argv, counting the passes pruning.sensitivity makes over windows
+import atexit, runpy, sys
+from pruning import sensitivity
+calls, real = [], sensitivity.window_losses
+def counted(*args, **kwargs):
+    calls.append(1)
+    return real(*args, **kwargs)
+sensitivity.window_losses = counted
+atexit.register(lambda: print(f"sensitivity passes: {len(calls)}", file=sys.stderr))
+sys.argv = ["search.run", *sys.argv[1:]]
+runpy.run_module("search.run", run_name="__main__")
+"""
+
+
+def tables(out) -> dict[str, dict]:
+    """The run directory's sensitivity-table caches: file name -> {option: rises}."""
+    return {p.name: json.loads(p.read_text()) for p in sorted(out.glob("sensitivity-*.json"))}
+
+
+@pytest.mark.slow
+def test_a_run_killed_while_measuring_its_table_resumes_where_it_stopped(tiny_model_dir, tmp_path):
+    """SIGKILL (no handler runs) mid-table, then the same command: finished rows are read back, not measured
+    again, and the run ends as the one never interrupted."""
+    import os
+    import pathlib
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    plain, killed = tmp_path / "plain" / "run", tmp_path / "killed" / "run"  # one study name for both
+    command = [sys.executable, "-m", "search.run"]
+    settings = ["--budget", "75%", "--trials", "6"]
+    subprocess.run([*command, *args(tiny_model_dir, plain, *settings)], cwd=root, env=env, check=True,
+                   capture_output=True)
+    expected = tables(plain)
+    assert len(expected) == 2  # the dense model's table and the one around its knapsack
+
+    proc = subprocess.Popen([*command, *args(tiny_model_dir, killed, *settings)], cwd=root, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while proc.poll() is None and not any(tables(killed).values()) and time.monotonic() < deadline:
+        time.sleep(0.002)  # until the first row is cached
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    at_kill = tables(killed)
+    done, total = sum(map(len, at_kill.values())), sum(map(len, expected.values()))
+    assert 0 < done < total, "the kill must land while the table is being measured"
+    assert load(killed).trials == []  # no trial had started
+
+    spy = tmp_path / "spy.py"
+    spy.write_text(SPY)
+    resumed = subprocess.run([sys.executable, str(spy), *args(tiny_model_dir, killed, *settings)], cwd=root,
+                             env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    # every option not cached at the kill, plus each table's base pass: the cached rows are not measured again
+    assert f"sensitivity passes: {total - done + len(expected)}" in resumed.stderr
+    assert tables(killed) == expected
+    for name, rows in at_kill.items():
+        assert {key: expected[name][key] for key in rows} == rows
+    studies = [load(out) for out in (plain, killed)]
+    assert studies[0].user_attrs["sensitivity"]["windows_evaluated"] == studies[1].user_attrs["sensitivity"][
+        "windows_evaluated"]
+    assert [(t.user_attrs[ARCH_ATTR], t.value) for t in studies[1].trials] == [
+        (t.user_attrs[ARCH_ATTR], t.value) for t in studies[0].trials]
+    summaries = [json.loads((out / "summary.json").read_text()) for out in (plain, killed)]
+    assert summaries[1]["best_perplexity"] == summaries[0]["best_perplexity"]
 
 
 @pytest.mark.slow
@@ -197,6 +273,49 @@ def test_missing_model_is_named(tmp_path, capsys):
     assert run.main(["--model", str(tmp_path / "nope"), "--out", str(tmp_path / "run")]) == 2
     assert "cannot load a model config" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def short_text(root, tokens: int) -> str:
+    """About `tokens` tokens of the tiny model's evaluation text."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(root / "model")
+    ids = tokenizer((root / "evaluation.txt").read_text(), add_special_tokens=False)["input_ids"]
+    return tokenizer.decode(ids[:tokens])
+
+
+@pytest.mark.parametrize("case", ["missing calibration", "missing evaluation", "directory without text files",
+                                  "directory of empty text", "evaluation leaves nothing held out", "budget 0",
+                                  "budget 0%"])
+def test_bad_data_or_budget_exits_2_says_what_to_change_and_writes_nothing(tiny_model_dir, tmp_path, capsys, case):
+    missing, empty = tmp_path / "missing.txt", tmp_path / "notes"
+    empty.mkdir()
+    if case == "directory of empty text":
+        (empty / "notes.txt").write_text("")
+    else:
+        (empty / "notes.bin").write_bytes(b"\0")  # a file, but not a text file
+    short = tmp_path / "short.txt"
+    short.write_text(short_text(tiny_model_dir, 3 * 32 + 8))  # 3 windows of 32 tokens: the 4 searched take all
+    extra, message = {
+        "missing calibration": (["--calibration", str(missing)], f"no such file or directory: '{missing}'; give a "
+                                "text file, a directory of text files, or one of wikitext2, c4"),
+        "missing evaluation": (["--evaluation", str(missing)], f"no such file or directory: '{missing}'; give a "
+                               "text file, a directory of text files"),
+        "directory without text files": (["--calibration", str(empty)], f"{empty} holds no text files (.json, "
+                                         ".jsonl, .md, .py, .rst, .txt)"),
+        "directory of empty text": (["--evaluation", str(empty)], "the evaluation text has 0 tokens, fewer than one "
+                                    "window of 32; give more text or a shorter --seq-len"),
+        "evaluation leaves nothing held out": (["--evaluation", str(short)], "the evaluation text gives 3 windows "
+                                               "and the search measures all of them, so none is left to report on; "
+                                               "give more evaluation text or fewer --search-windows"),
+        "budget 0": (["--budget", "0"], "budget 0 is not positive; give e.g. 70% or 5B"),
+        "budget 0%": (["--budget", "0%"], "budget 0% is not positive; give e.g. 70% or 5B"),
+    }[case]
+    before = sorted(tmp_path.rglob("*"))
+    out = tmp_path / "run"
+    assert run.main(args(tiny_model_dir, out, *extra)) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists() and sorted(tmp_path.rglob("*")) == before
 
 
 @pytest.mark.slow

@@ -149,8 +149,11 @@ def test_a_seed_gives_the_same_proposals(name):
 @pytest.mark.parametrize("name", ("predictor", "predictor-local", "knapsack"))
 def test_the_table_samplers_measure_the_knapsack_first(name):
     study = run_study(FACTORIES[name](0), 6)
-    assert study.trials[0].user_attrs[ARCH_ATTR] == knapsack(SPACE, exact_table()).to_json()
-    assert study.best_value <= study.trials[0].value
+    rival = knapsack(SPACE, exact_table())
+    assert study.trials[0].user_attrs[ARCH_ATTR] == rival.to_json()
+    assert study.trials[0].value == true_value(rival)
+    # within 6 trials each finds better than its start, and better than uniform pruning (3196 and 10713)
+    assert study.best_value < true_value(rival) < true_value(SPACE.uniform())
 
 
 def test_with_a_local_table_the_second_trial_is_its_knapsack_and_it_improves_on_the_first():

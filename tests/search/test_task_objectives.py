@@ -14,6 +14,7 @@ from search import run
 from search.objectives import LMEval, TaskAccuracy
 from search.objectives.harness import Suite
 from search.trials import measurements
+from tests.conftest import optional_package
 from tests.finetune.conftest import char_model, char_tokenizer
 from tests.search.test_run import args, load
 
@@ -76,7 +77,7 @@ def write_lm_eval_task(root, rows) -> str:
 
 @pytest.mark.slow  # lm-eval indexes its own tasks first (seconds)
 def test_lm_eval_objective_runs_offline_on_a_local_yaml_and_agrees_by_hand(char_lm, tmp_path):
-    pytest.importorskip("lm_eval")
+    optional_package("lm_eval", "pip install '.[eval]'")
     model, tokenizer = char_lm
     include = write_lm_eval_task(tmp_path, ROWS * 2)  # 8 documents: 3 searched, 5 held out
     suite = Suite.load("lm-eval:tiny_mc", include)
@@ -120,7 +121,7 @@ def test_bad_objective_input_exits_2_and_writes_nothing(tiny_model_dir, tmp_path
         "lm-eval not installed": ["--objective", "lm-eval:tiny_mc"],
     }[case]
     if case == "lm-eval task missing":
-        pytest.importorskip("lm_eval")
+        optional_package("lm_eval", "pip install '.[eval]'")
     if case == "lm-eval not installed":
         monkeypatch.setitem(sys.modules, "lm_eval", None)  # what `import lm_eval` meets when it is absent
     assert run.main(args(tiny_model_dir, out, *extra)) == 2
