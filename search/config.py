@@ -11,7 +11,7 @@ from pathlib import Path
 
 from finetune.gguf import GGUF_TYPES, block_size
 from pruning import reference
-from pruning.reconstruct import DEFAULT_DAMP
+from pruning.reconstruct import DEFAULT_DAMP, TARGETS
 
 SAMPLERS = ("predictor", "knapsack", "tpe", "gp", "cmaes", "random")
 TABLE_SAMPLERS = ("predictor", "knapsack")  # samplers that start from the sensitivity table
@@ -56,6 +56,7 @@ class RunConfig:
     gguf_type: str = "q8_0"
     reconstruct: bool = True  # re-fit o_proj / down_proj's kept columns on calibration activations after slicing
     reconstruct_damp: float = DEFAULT_DAMP
+    reconstruct_target: str = "self"  # pruning.reconstruct.TARGETS
     recover_steps: int = 100
     recover_windows: int = 512
     lora_rank: int = 8
@@ -106,6 +107,8 @@ class RunConfig:
                 f"--device must be auto, cpu or cuda[:N], got {self.device!r}",
             ),
             (self.reconstruct_damp > 0, f"--reconstruct-damp must be positive, got {self.reconstruct_damp}"),
+            (self.reconstruct_target in TARGETS,
+             f"--reconstruct-target must be one of {', '.join(TARGETS)}, got {self.reconstruct_target!r}"),
             (self.recover_steps >= 0, f"--recover-steps must be >= 0, got {self.recover_steps}"),
             (0 <= self.distill <= 1, f"--distill is a loss weight in [0, 1], got {self.distill}"),
             (self.export_format in EXPORT_FORMATS,

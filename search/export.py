@@ -40,7 +40,8 @@ from finetune.recover import RecoveryConfig, recover
 from pruning.architecture import Architecture
 from pruning.importance import Importance, load_or_compute
 from pruning.masking import masked
-from pruning.reconstruct import ReconstructionConfig, reconstruct
+from pruning.metrics import perplexity
+from pruning.reconstruct import TARGETS, ReconstructionConfig, output_projections, reconstruct, restore
 from pruning.slicing import slice_model
 from search.config import EXPORT_FORMATS, RunConfig, RunLayout
 from search.objectives import task_max_len
@@ -74,10 +75,18 @@ class RecoveryRecord:
     comparisons: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # uniform, knapsack, searched...
     unreconstructed: Mapping[str, float] | None = None  # the same slice without reconstruction; None: not run
     reconstruction_seconds: float | None = None
+    # the search windows' perplexity (without, with) the re-fit: it is kept only where it lowers it
+    reconstruction_search: tuple[float, float] | None = None
+
+    @property
+    def reconstruction_kept(self) -> bool:
+        return self.reconstruction_search is not None and self.reconstruction_search[1] < self.reconstruction_search[0]
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "validation", tuple((int(step), float(ppl)) for step, ppl in self.validation))
         object.__setattr__(self, "notes", tuple(self.notes))
+        if self.reconstruction_search is not None:
+            object.__setattr__(self, "reconstruction_search", tuple(map(float, self.reconstruction_search)))
 
     @property
     def final(self) -> Mapping[str, float]:
@@ -132,10 +141,15 @@ def add_reconstruction_arguments(p: argparse.ArgumentParser, d: RunConfig) -> No
                    "(default: %(default)s)")
     g.add_argument("--reconstruct-damp", type=float, default=d.reconstruct_damp,
                    help="ridge damping of the re-fit, a share of the mean input energy (default: %(default)s)")
+    g.add_argument("--reconstruct-target", choices=TARGETS, default=d.reconstruct_target,
+                   help="self: fit the dense weights' output on the pruned model's inputs; dense: fit the dense "
+                   "model's output plus the residual stream's drift (runs the dense model alongside; better for "
+                   "heavy fixed-ratio pruning of the reference model, over-fits on SmolLM2) (default: %(default)s)")
 
 
 def reconstruction_settings(config: RunConfig) -> ReconstructionConfig:
-    return ReconstructionConfig(damp=config.reconstruct_damp, batch_size=config.batch_size)
+    return ReconstructionConfig(damp=config.reconstruct_damp, batch_size=config.batch_size,
+                                target=config.reconstruct_target)
 
 
 def add_format_arguments(p: argparse.ArgumentParser, d: RunConfig) -> None:
@@ -205,11 +219,7 @@ def recover_and_export(setup: Setup, importance: Importance, arch: Architecture,
     reference = dense_teacher(model, config, domains)
     fields_ = {"dense": dense, "comparisons": dict(comparisons or {})}
     if config.reconstruct:
-        with masked(model, arch, importance):
-            fields_["unreconstructed"] = measure(model)
-        started = time.perf_counter()
-        reconstruct(model, arch, importance, setup.calibration, reconstruction_settings(config))
-        fields_["reconstruction_seconds"] = round(time.perf_counter() - started, 1)
+        fields_.update(_reconstruct_if_better(setup, arch, importance, measure))
     slice_model(model, arch, importance)
     fields_["pruned"] = measure(model)
     if config.recover_steps > 0:
@@ -227,6 +237,24 @@ def recover_and_export(setup: Setup, importance: Importance, arch: Architecture,
     else:
         export = str(export_model(model, arch, tokenizer, out, card, force=force))
     return RecoveryRecord(export=export, **fields_)
+
+
+def _reconstruct_if_better(setup: Setup, arch: Architecture, importance: Importance, measure) -> dict:
+    """Re-fit `setup.model` for `arch` in place, and put the weights back unless that lowers the search windows'
+    perplexity (selected on validation data, as recovery is; the held-out slice without it is measured for the
+    record). Holds a CPU copy of the o_proj / down_proj weights meanwhile."""
+    model, batch = setup.model, setup.config.batch_size
+    with masked(model, arch, importance):
+        fields_ = {"unreconstructed": measure(model)}
+        before = perplexity(model, setup.search_windows, batch)
+    saved = output_projections(model)
+    started = time.perf_counter()
+    reconstruct(model, arch, importance, setup.calibration, reconstruction_settings(setup.config))
+    fields_["reconstruction_seconds"] = round(time.perf_counter() - started, 1)
+    after = perplexity(model, setup.search_windows, batch)  # removed columns are zero: this is the pruned model
+    if not after < before:
+        restore(saved)
+    return {**fields_, "reconstruction_search": (before, after)}
 
 
 def recovery_notes(before: Evaluation, after: Evaluation, selected_step: int,

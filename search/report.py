@@ -122,9 +122,13 @@ class RunSummary:
 
 
 def _without(r: RecoveryRecord) -> str:
-    """What reconstruction changed, when it ran: ", reconstructed; 123.456 without"."""
+    """What reconstruction changed, when it ran: " reconstructed in 3 s; 123.456 without", or why it was not kept."""
     if r.unreconstructed is None:
         return ""
+    if r.reconstruction_search is not None and not r.reconstruction_kept:
+        before, after = r.reconstruction_search
+        return (f" not reconstructed: the re-fit ({r.reconstruction_seconds:.0f} s) raised the search windows' "
+                f"perplexity from {before:.3f} to {after:.3f}, so it was undone")
     return f" reconstructed in {r.reconstruction_seconds:.0f} s; {r.unreconstructed['perplexity']:.3f} without"
 
 

@@ -56,7 +56,11 @@ def test_recover_architecture_slices_and_exports_any_architecture(tiny_model_dir
     from pruning.reconstruct import ReconstructionConfig, reconstructed
 
     with reconstructed(setup.model, arch, importance, setup.calibration, ReconstructionConfig()):
-        assert record.pruned["perplexity"] == pytest.approx(perplexity(setup.model, setup.held_out), rel=1e-5)
+        refitted = perplexity(setup.model, setup.held_out)
+        assert record.reconstruction_search[1] == pytest.approx(perplexity(setup.model, setup.search_windows),
+                                                                 rel=1e-5)
+    expected = refitted if record.reconstruction_kept else record.unreconstructed["perplexity"]
+    assert record.pruned["perplexity"] == pytest.approx(expected, rel=1e-5)
 
 
 @pytest.mark.slow

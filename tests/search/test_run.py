@@ -97,10 +97,17 @@ def test_run_exports_the_recovered_best_model(finished_run):
     importance = load_or_compute(setup.model, setup.calibration, "wanda", finished_run)
     with masked(setup.model, arch, importance):
         assert recovery["unreconstructed"]["perplexity"] == pytest.approx(perplexity(setup.model, held_out), rel=1e-5)
+        unfitted_search = perplexity(setup.model, setup.search_windows)
     with reconstructed(setup.model, arch, importance, setup.calibration, ReconstructionConfig()):
-        assert recovery["pruned"]["perplexity"] == pytest.approx(perplexity(setup.model, held_out), rel=1e-5)
-    assert recovery["pruned"]["perplexity"] != recovery["unreconstructed"]["perplexity"]
-    assert f"reconstructed in {recovery['reconstruction_seconds']:.0f} s; " in markdown
+        refitted = perplexity(setup.model, held_out)
+        refitted_search = perplexity(setup.model, setup.search_windows)
+    # the re-fit is kept only where it lowers the search windows' perplexity (validation data, as recovery selects)
+    assert recovery["reconstruction_search"] == pytest.approx([unfitted_search, refitted_search], rel=1e-5)
+    kept = refitted_search < unfitted_search
+    expected = refitted if kept else recovery["unreconstructed"]["perplexity"]
+    assert recovery["pruned"]["perplexity"] == pytest.approx(expected, rel=1e-5)
+    assert (f"reconstructed in {recovery['reconstruction_seconds']:.0f} s; " in markdown) == kept
+    assert ("so it was undone" in markdown) == (not kept)
     assert load(finished_run).user_attrs["recovery"] == recovery
     assert summary["objective_values"]["searched"] == {"perplexity": summary["best_perplexity"]}
     assert summary["objective_values"]["uniform"] == {"perplexity": summary["uniform_perplexity"]}
@@ -260,6 +267,7 @@ def test_mismatched_study_is_refused(finished_run, tiny_model_dir, capsys):
         (["--ffn-step", "0"], "--ffn-step must be at least 1, got 0"),
         (["--ffn-step", "100000"], "--ffn-step must be in 1..40 (the model's FFN width), got 100000"),
         (["--seq-len", "65"], "--seq-len 65 is beyond the 64 positions"),
+        (["--reconstruct-damp", "0"], "--reconstruct-damp must be positive, got 0.0"),
     ],
 )
 def test_bad_input_exits_2_and_writes_nothing(tiny_model_dir, tmp_path, capsys, extra, message):
