@@ -12,10 +12,10 @@ from pathlib import Path
 from finetune.gguf import GGUF_TYPES, block_size
 from pruning import reference
 from pruning.reconstruct import DEFAULT_DAMP
+from search import objectives
 
 SAMPLERS = ("predictor", "knapsack", "tpe", "gp", "cmaes", "random")
 TABLE_SAMPLERS = ("predictor", "knapsack")  # samplers that start from the sensitivity table
-OBJECTIVES = ("perplexity", "kl", "task")  # and "lm-eval:TASK[,TASK]" (search.objectives)
 PREDICTOR_TARGETS = ("value", "margin")  # what the predictor learns: the objective's value, or the task margin
 IMPORTANCE_METHODS = ("wanda", "fluctuation", "taylor")
 EXPORT_FORMATS = ("hf", "gguf")
@@ -77,15 +77,9 @@ class RunConfig:
             object.__setattr__(self, "ffn_step", max(8, block))
         checks = [
             (self.sampler in SAMPLERS, f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}"),
-            (self.objective in OBJECTIVES or self.objective.startswith("lm-eval:"),
-             f"unknown objective {self.objective!r}; choose {', '.join(OBJECTIVES)} or lm-eval:TASK[,TASK]"),
-            (self.objective != "task" or bool(self.task),
-             "--objective task needs --task FILE.jsonl (multiple choice: each row with an \"options\" list and the "
-             "answer or its index); give it, or choose --objective perplexity or kl"),
+            *((False, problem) for problem in objectives.config_problems(self)),  # the objective's own checks
             (self.predictor_target in PREDICTOR_TARGETS,
              f"unknown --predictor-target {self.predictor_target!r}; choose one of {', '.join(PREDICTOR_TARGETS)}"),
-            (self.predictor_target == "value" or self.objective == "task",
-             "--predictor-target margin is the task objective's companion; give --objective task or drop it"),
             (self.task_search_examples >= 1 and self.eval_limit >= 1,
              "--task-search-examples and --eval-limit must be at least 1"),
             (

@@ -32,12 +32,12 @@ from pruning.importance import Importance, load_or_compute
 from pruning.masking import masked
 from pruning.metrics import perplexity
 from pruning.sensitivity import Grid, SensitivityTable, measure_sensitivity
+from search import objectives
 from search.config import PREDICTOR_TARGETS, SAMPLERS, TABLE_SAMPLERS, RunConfig, RunLayout
 from search.export import add_format_arguments, add_reconstruction_arguments, add_recovery_arguments, recover_and_export
 from search.knapsack import knapsack
 from search.objective import TrialObjective
 from search.objectives import objective_class
-from search.objectives.kl import TOP_K as KL_TOP_K
 from search.plan import check_fits, make_plan
 from search.report import RunSummary, own_kendall, publish, write_atomic
 from search.sampler import AdditiveSampler, PredictorSampler
@@ -204,6 +204,7 @@ def make_sampler(
 def identity(setup: Setup) -> dict:
     """What must match for a study to be resumed (or shared by workers)."""
     c = setup.config
+    settings = objectives.study_settings(c)
     return {
         "model": c.model,
         "budget": setup.space.budget,
@@ -216,19 +217,9 @@ def identity(setup: Setup) -> dict:
         "sampler": c.sampler,
         "sensitivity": [c.sensitivity_windows, c.sensitivity_points, c.local_table and c.local_reach]
         if c.sampler in TABLE_SAMPLERS else None,
-        **({} if c.objective == "perplexity" else {"objective_settings": objective_settings(c)}),
+        **({} if settings is None else {"objective_settings": settings}),
         **({"model_sha256": setup.source.sha256} if setup.source else {}),
     }
-
-
-def objective_settings(c: RunConfig) -> dict:
-    """What, beyond its name, decides the values an objective records (a resume with other values is refused)."""
-    if c.objective == "task":
-        return {"task": c.task, "template": c.task_template, "answer_prefix": c.task_answer_prefix, "shots": c.shots,
-                "search_examples": c.task_search_examples, "predictor_target": c.predictor_target, "seed": c.seed}
-    if c.objective.startswith("lm-eval:"):
-        return {"limit": c.eval_limit, "include": c.eval_include}
-    return {"top_k": KL_TOP_K}
 
 
 def table_windows(setup: Setup) -> torch.Tensor:
