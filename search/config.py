@@ -12,10 +12,8 @@ from pathlib import Path
 from finetune.gguf import GGUF_TYPES, block_size
 from pruning import reference
 from pruning.reconstruct import DEFAULT_DAMP
-from search import objectives
+from search import objectives, samplers
 
-SAMPLERS = ("predictor", "knapsack", "tpe", "gp", "cmaes", "random")
-TABLE_SAMPLERS = ("predictor", "knapsack")  # samplers that start from the sensitivity table
 PREDICTOR_TARGETS = ("value", "margin")  # what the predictor learns: the objective's value, or the task margin
 IMPORTANCE_METHODS = ("wanda", "fluctuation", "taylor")
 EXPORT_FORMATS = ("hf", "gguf")
@@ -76,7 +74,7 @@ class RunConfig:
             block = block_size(self.gguf_type) if self.export_format == "gguf" and self.gguf_type in GGUF_TYPES else 1
             object.__setattr__(self, "ffn_step", max(8, block))
         checks = [
-            (self.sampler in SAMPLERS, f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}"),
+            *((False, problem) for problem in samplers.config_problems(self)),  # the sampler's own checks
             *((False, problem) for problem in objectives.config_problems(self)),  # the objective's own checks
             (self.predictor_target in PREDICTOR_TARGETS,
              f"unknown --predictor-target {self.predictor_target!r}; choose one of {', '.join(PREDICTOR_TARGETS)}"),
@@ -87,7 +85,6 @@ class RunConfig:
                 f"unknown importance {self.importance!r}; choose one of {', '.join(IMPORTANCE_METHODS)}",
             ),
             (self.trials >= 1, f"--trials must be at least 1, got {self.trials}"),
-            (self.sampler != "predictor" or self.n_startup >= 5, "--n-startup must be at least 5"),
             (self.seq_len >= 8, f"--seq-len must be at least 8, got {self.seq_len}"),
             (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
             (self.ffn_step >= 1, f"--ffn-step must be at least 1, got {self.ffn_step}; the default is 8"),

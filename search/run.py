@@ -32,17 +32,17 @@ from pruning.importance import Importance, load_or_compute
 from pruning.masking import masked
 from pruning.metrics import perplexity
 from pruning.sensitivity import Grid, SensitivityTable, measure_sensitivity
-from search import objectives
-from search.config import PREDICTOR_TARGETS, SAMPLERS, TABLE_SAMPLERS, RunConfig, RunLayout
+from search import objectives, samplers
+from search.config import PREDICTOR_TARGETS, RunConfig, RunLayout
 from search.export import add_format_arguments, add_reconstruction_arguments, add_recovery_arguments, recover_and_export
 from search.knapsack import knapsack
 from search.objective import TrialObjective
 from search.objectives import objective_class
 from search.plan import check_fits, make_plan
 from search.report import RunSummary, own_kendall, publish, write_atomic
-from search.sampler import AdditiveSampler, PredictorSampler
+from search.sampler import PredictorSampler
+from search.samplers import SamplerInputs
 from search.setup import FINAL_EVAL_WINDOWS, USER_ERRORS, Setup, prepare, resolve_device
-from search.space import SearchSpace
 from search.study import (
     StopAfterMeasurements,
     count_measurements,
@@ -108,8 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--sampler",
         default=d.sampler,
-        help=f"{', '.join(SAMPLERS)}; predictor and knapsack first measure the sensitivity table and start from "
-        "its knapsack, knapsack then ranks by the table alone (default: %(default)s)",
+        help=f"{', '.join(samplers.REGISTRY)}; predictor and knapsack first measure the sensitivity table and start "
+        "from its knapsack, knapsack then ranks by the table alone (default: %(default)s)",
     )
     p.add_argument(
         "--sensitivity-windows",
@@ -177,30 +177,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def make_sampler(
-    config: RunConfig,
-    space: SearchSpace,
-    importance: Importance,
-    sensitivity: SensitivityTable | None = None,
-    resumed_trials: int = 0,
-    local: SensitivityTable | None = None,
-) -> optuna.samplers.BaseSampler:
-    """The chosen sampler. Ours draws per trial number; Optuna's get a seed offset on resume
-    so they do not replay the proposals the study already holds."""
-    if config.sampler == "predictor":
-        return PredictorSampler(space, importance, sensitivity, local, n_startup=config.n_startup, seed=config.seed)
-    if config.sampler == "knapsack":
-        return AdditiveSampler(space, importance, sensitivity, local, n_startup=config.n_startup, seed=config.seed)
-    seed = config.seed + resumed_trials
-    if config.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=config.n_startup, multivariate=True)
-    if config.sampler == "gp":
-        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=config.n_startup, deterministic_objective=True)
-    if config.sampler == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=config.n_startup)
-    return optuna.samplers.RandomSampler(seed=seed)
-
-
 def identity(setup: Setup) -> dict:
     """What must match for a study to be resumed (or shared by workers)."""
     c = setup.config
@@ -216,7 +192,7 @@ def identity(setup: Setup) -> dict:
         "seq_len": c.seq_len,
         "sampler": c.sampler,
         "sensitivity": [c.sensitivity_windows, c.sensitivity_points, c.local_table and c.local_reach]
-        if c.sampler in TABLE_SAMPLERS else None,
+        if samplers.needs_tables(c.sampler) else None,
         **({} if settings is None else {"objective_settings": settings}),
         **({"model_sha256": setup.source.sha256} if setup.source else {}),
     }
@@ -425,9 +401,9 @@ def start(config: RunConfig) -> tuple[Setup, optuna.Study, Importance, Sensitivi
             shutil.rmtree(layout.root, ignore_errors=True)
         raise
     sensitivity = local = None
-    if config.sampler in TABLE_SAMPLERS:
+    if samplers.needs_tables(config.sampler):
         sensitivity, local = sensitivity_tables(study, setup, importance)
-    sampler = make_sampler(config, setup.space, importance, sensitivity, len(study.trials), local)
+    sampler = samplers.build(SamplerInputs(config, setup.space, importance, sensitivity, local, len(study.trials)))
     study = optuna.load_study(study_name=study.study_name, storage=storage, sampler=sampler)
     write_atomic(layout.config, config.to_json())
     return setup, study, importance, sensitivity
