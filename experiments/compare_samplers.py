@@ -27,6 +27,7 @@ from experiments import provenance
 from experiments.compare import run_config, share_tables
 from search import samplers
 from search.pipeline import open_run_study, run_search
+from search.record import StudyRecord
 from search.report import write_atomic
 from search.run import tables_cost
 
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     finals.to_csv(out / "results.csv", index=False)
     first = studies[0]
     knapsack_value = first.trials[0].value if samplers.needs_tables(args.samplers[0]) else None
-    rivals = {"uniform (held-out)": first.user_attrs["baselines"]["uniform"]}
+    rivals = {"uniform (held-out)": StudyRecord.from_study(first).baselines["uniform"]["perplexity"]}
     if knapsack_value is not None:
         rivals = {"sensitivity knapsack (search windows)": knapsack_value}
     plot(curves, rivals, out / "curves.png", f"best so far at {args.budget} kept, seeds {args.seeds}")

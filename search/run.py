@@ -39,6 +39,7 @@ from search.knapsack import knapsack
 from search.objective import TrialObjective
 from search.objectives import objective_class
 from search.plan import check_fits, make_plan
+from search.record import StudyRecord, TablesCost
 from search.report import RunSummary, own_kendall, publish, write_atomic
 from search.sampler import PredictorSampler
 from search.samplers import SamplerInputs
@@ -219,21 +220,30 @@ def sensitivity_tables(
 
     dense = measure()
     local = measure(base=knapsack(setup.space, dense), reach=c.local_reach, far=dense) if c.local_table else None
-    if "sensitivity" not in study.user_attrs:
+    if StudyRecord.from_study(study).tables is None:
         tables = [t for t in (dense, local) if t is not None]
-        study.set_user_attr("sensitivity", {
-            "tables": len(tables),
-            "measurements": sum(t.measurements() for t in tables),
-            "windows": dense.windows,
-            "windows_evaluated": sum(t.windows_evaluated() for t in tables),
-            "seconds": round(time.perf_counter() - started, 1),
-        })
+        cost = TablesCost(tables=len(tables), measurements=sum(t.measurements() for t in tables),
+                          windows=dense.windows, windows_evaluated=sum(t.windows_evaluated() for t in tables),
+                          seconds=round(time.perf_counter() - started, 1))
+        StudyRecord(tables=cost).to_study(study)
     return dense, local
 
 
 def tables_cost(study: optuna.Study) -> int:
     """Evaluation windows the run's sensitivity tables cost (0 for a sampler without them)."""
-    return study.user_attrs.get("sensitivity", {}).get("windows_evaluated", 0)
+    tables = StudyRecord.from_study(study).tables
+    return tables.windows_evaluated if tables else 0
+
+
+def rival_architectures(setup: Setup, importance: Importance,
+                        sensitivity: SensitivityTable | None) -> list[tuple[str, Architecture]]:
+    """(name, architecture) of the models the search is compared with: uniform and threshold pruning and,
+    with a table, the sensitivity knapsack."""
+    space = setup.space
+    rivals = [("uniform", space.uniform()), ("threshold", space.threshold(importance))]
+    if sensitivity is not None:
+        rivals.append(("knapsack", knapsack(space, sensitivity)))
+    return rivals
 
 
 def baselines(
@@ -241,17 +251,15 @@ def baselines(
 ) -> dict[str, float]:
     """Held-out perplexity of the base model, uniform and threshold pruning and, with a table, the
     sensitivity knapsack (stored once)."""
-    if "baselines" in study.user_attrs:
-        return study.user_attrs["baselines"]
-    model, windows, space = setup.model, setup.held_out, setup.space
-    out = {"base": perplexity(model, windows, setup.config.batch_size)}
-    rivals = [("uniform", space.uniform()), ("threshold", space.threshold(importance))]
-    if sensitivity is not None:
-        rivals.append(("knapsack", knapsack(space, sensitivity)))
-    for name, arch in rivals:
+    record = StudyRecord.from_study(study)
+    if record.perplexities is not None:
+        return record.perplexities
+    model, windows, batch = setup.model, setup.held_out, setup.config.batch_size
+    out = {"base": perplexity(model, windows, batch)}
+    for name, arch in rival_architectures(setup, importance, sensitivity):
         with masked(model, arch, importance):
-            out[name] = perplexity(model, windows, setup.config.batch_size)
-    study.set_user_attr("baselines", out)
+            out[name] = perplexity(model, windows, batch)
+    StudyRecord(baselines={name: {"perplexity": value} for name, value in out.items()}).to_study(study)
     return out
 
 
@@ -259,18 +267,16 @@ def objective_baselines(study: optuna.Study, setup: Setup, importance: Importanc
                         sensitivity: SensitivityTable | None) -> dict[str, dict[str, float]]:
     """Held-out metrics of the base model and the rivals for an objective other than perplexity: the perplexity
     of `baselines` with the objective and its companions (stored once)."""
-    if "objective_baselines" in study.user_attrs:
-        return study.user_attrs["objective_baselines"]
-    base, space = baselines(study, setup, importance, sensitivity), setup.space
+    record = StudyRecord.from_study(study)
+    if record.has_objective_baselines:
+        return {name: dict(metrics) for name, metrics in record.baselines.items()}
+    base = baselines(study, setup, importance, sensitivity)
     objective = setup.objective("held_out")
     out = {"base": {"perplexity": base["base"], **objective(setup.model).flat(objective.name)}}
-    rivals = [("uniform", space.uniform()), ("threshold", space.threshold(importance))]
-    if sensitivity is not None:
-        rivals.append(("knapsack", knapsack(space, sensitivity)))
-    for name, arch in rivals:
+    for name, arch in rival_architectures(setup, importance, sensitivity):
         with masked(setup.model, arch, importance):
             out[name] = {"perplexity": base[name], **objective(setup.model).flat(objective.name)}
-    study.set_user_attr("objective_baselines", out)
+    StudyRecord(baselines=out).to_study(study)
     return out
 
 
@@ -369,7 +375,7 @@ def export_best(study: optuna.Study, setup: Setup, importance: Importance, summa
     comparisons = {name: values for name, values in summary.objective_values.items() if name != "base"}
     record = recover_and_export(setup, importance, arch, layout.export_path(setup.config), command, force=True,
                                 comparisons=comparisons)
-    study.set_user_attr("recovery", record.to_dict())
+    StudyRecord(recovery=record.to_dict()).to_study(study)
     summary = replace(summary, recovery=record, wall_time_s=round(time.time() - started, 1))
     write_summary(study, layout, summary)
     return summary
