@@ -9,14 +9,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from finetune.gguf import GGUF_TYPES, block_size
+from finetune.gguf import GGUF_TYPES
 from pruning import reference
 from pruning.reconstruct import DEFAULT_DAMP
-from search import objectives, samplers
+from search import formats, objectives, samplers
 
 PREDICTOR_TARGETS = ("value", "margin")  # what the predictor learns: the objective's value, or the task margin
 IMPORTANCE_METHODS = ("wanda", "fluctuation", "taylor")
-EXPORT_FORMATS = ("hf", "gguf")
 
 
 class ConfigError(ValueError):
@@ -71,8 +70,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "domains", tuple(self.domains))
         if self.ffn_step is None:
-            block = block_size(self.gguf_type) if self.export_format == "gguf" and self.gguf_type in GGUF_TYPES else 1
-            object.__setattr__(self, "ffn_step", max(8, block))
+            entry = formats.REGISTRY.get(self.export_format)
+            object.__setattr__(self, "ffn_step", max(8, entry.ffn_block(self) if entry else 1))
         checks = [
             *((False, problem) for problem in samplers.config_problems(self)),  # the sampler's own checks
             *((False, problem) for problem in objectives.config_problems(self)),  # the objective's own checks
@@ -99,8 +98,8 @@ class RunConfig:
             (self.reconstruct_damp > 0, f"--reconstruct-damp must be positive, got {self.reconstruct_damp}"),
             (self.recover_steps >= 0, f"--recover-steps must be >= 0, got {self.recover_steps}"),
             (0 <= self.distill <= 1, f"--distill is a loss weight in [0, 1], got {self.distill}"),
-            (self.export_format in EXPORT_FORMATS,
-             f"unknown --format {self.export_format!r}; choose one of {', '.join(EXPORT_FORMATS)}"),
+            (self.export_format in formats.REGISTRY,
+             f"unknown --format {self.export_format!r}; choose one of {', '.join(formats.REGISTRY)}"),
             (self.gguf_type in GGUF_TYPES,
              f"unknown --gguf-type {self.gguf_type!r}; choose one of {', '.join(GGUF_TYPES)}"),
             (self.lora_rank >= 1 and self.recover_windows >= 1 and self.shots >= 0,
@@ -114,8 +113,8 @@ class RunConfig:
 
     def check_search_target(self) -> None:
         """A search for a GGUF target (--format gguf) may only propose FFN widths its type holds."""
-        block = block_size(self.gguf_type)
-        if self.export_format == "gguf" and self.ffn_step % block:
+        block = formats.REGISTRY[self.export_format].ffn_block(self)
+        if self.ffn_step % block:
             raise ConfigError(f"--ffn-step {self.ffn_step} lets the search pick FFN widths GGUF {self.gguf_type} "
                               f"cannot hold (rows in blocks of {block}); use --ffn-step {block} or a multiple")
 
@@ -204,7 +203,7 @@ class RunLayout:
         return self.root / "model.gguf"
 
     def export_path(self, config: RunConfig) -> Path:
-        return self.gguf if config.export_format == "gguf" else self.model
+        return self.root / formats.REGISTRY[config.export_format].file_name
 
     def storage_url(self, config: RunConfig) -> str:
         return config.storage or f"sqlite:///{self.study_db}"

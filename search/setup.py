@@ -7,12 +7,12 @@ from dataclasses import dataclass, field
 import torch
 
 from finetune.data import TaskDataError, TaskFormat, read_task_jsonl
-from finetune.gguf import GGUFExportError, check_export
+from finetune.gguf import GGUFExportError
 from pruning import adapter
 from pruning.architecture import Architecture, ArchitectureError
 from pruning.data import DataError, evenly_spaced, read_text, token_windows
 from pruning.metrics import default_device
-from search import objectives
+from search import formats, objectives
 from search.budget import BudgetError, parse_budget
 from search.config import ConfigError, ModelSource, RunConfig, RunLayout
 from search.space import InfeasibleBudgetError, SearchSpace, SpaceError
@@ -122,8 +122,8 @@ def prepare(config: RunConfig) -> Setup:
     if config.storage:
         open_storage(config.storage)
     tokenizer = adapter.load_tokenizer(config.model)
-    if config.export and config.export_format == "gguf":  # refuse now, not after the search and recovery
-        check_export(Architecture.full(spec), model_config, tokenizer, config.gguf_type)
+    if config.export:  # refuse now, not after the search and recovery
+        formats.check(Architecture.full(spec), model_config, tokenizer, config)
     calibration = token_windows(
         tokenizer, calibration_text, config.seq_len, config.calibration_windows, "calibration text"
     )
