@@ -1,4 +1,4 @@
-"""What every registered objective must do, tested through the registry (the toy one of `toys` included).
+"""What every registered objective must do, tested through the registry (the toy one of `toy_objective` included).
 
 In the spirit of Optuna's `optuna/testing/pytest_samplers.py`: each objective is configured, checked,
 built for both splits and measured on a tiny model exactly as a run does (`RunConfig` -> `prepare` ->
@@ -11,14 +11,17 @@ import math
 import optuna
 import pytest
 
-import tests.search.toys  # noqa: F401 (registers the toy objective)
+import tests.search.toy_objective  # noqa: F401 (registers the toy objective)
 from pruning.importance import load_or_compute
-from search import objectives
+from search import objectives, run
 from search.config import RunConfig
 from search.objective import TrialObjective
 from search.objectives import REGISTRY, Objective, register_objective
+from search.record import StudyRecord
+from search.report import RunSummary
 from search.setup import prepare
 from search.trials import DIRECTIONS, measurements, to_loss
+from tests.search.test_run import args, load
 from tests.search.test_task_objectives import ROWS, write_lm_eval_task
 
 NEEDS = ("teacher", "labels")
@@ -117,3 +120,17 @@ def test_an_objective_that_declares_too_little_is_refused():
     with pytest.raises(ValueError, match="'perplexity' is already registered"):
         register_objective(name="perplexity", objective_cls=REGISTRY["perplexity"])
     assert "silent" not in REGISTRY
+
+
+def test_a_run_asks_for_the_toy_objective_and_sampler_by_name_alone(tiny_model_dir, tmp_path):
+    import tests.search.toy_sampler  # noqa: F401 (registers the toy sampler)
+
+    out = tmp_path / "toys"
+    command = args(tiny_model_dir, out, "--budget", "75%", "--trials", "3", "--objective", "top1", "--sampler",
+                   "per-trial-random")
+    assert run.main(command) == 0
+    summary = RunSummary.from_json((out / "summary.json").read_text())
+    assert (summary.objective, summary.objective_direction, summary.trials_complete) == ("top1", "maximize", 3)
+    assert set(summary.objective_values["searched"]) == {"perplexity", "top1"}
+    identity = StudyRecord.from_study(load(out)).identity
+    assert identity["sampler"] == "per-trial-random" and "objective_settings" not in identity

@@ -1,4 +1,4 @@
-"""What every registered sampler must do, built through the registry (the toy one of `toys` included).
+"""What every registered sampler must do, built through the registry (the toy one of `toy_sampler` included).
 
 The quick companion of `test_sampler_conformance.py` (same synthetic problem, fewer trials): each
 sampler is built as a run builds it (`search.samplers.build` from a `RunConfig`), with the sensitivity
@@ -10,7 +10,7 @@ import math
 import pytest
 from optuna.trial import TrialState
 
-import tests.search.toys  # noqa: F401 (registers the toy sampler)
+import tests.search.toy_sampler  # noqa: F401 (registers the toy sampler)
 from search import samplers
 from search.config import RunConfig
 from search.knapsack import knapsack
