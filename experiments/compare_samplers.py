@@ -25,8 +25,9 @@ from optuna.trial import TrialState
 
 from experiments import provenance
 from experiments.compare import run_config, share_tables
-from search.config import TABLE_SAMPLERS
+from search import samplers
 from search.pipeline import open_run_study, run_search
+from search.record import StudyRecord
 from search.report import write_atomic
 from search.run import tables_cost
 
@@ -99,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     curves.to_csv(out / "curves.csv", index=False)
     finals.to_csv(out / "results.csv", index=False)
     first = studies[0]
-    knapsack_value = first.trials[0].value if args.samplers[0] in TABLE_SAMPLERS else None
-    rivals = {"uniform (held-out)": first.user_attrs["baselines"]["uniform"]}
+    knapsack_value = first.trials[0].value if samplers.needs_tables(args.samplers[0]) else None
+    rivals = {"uniform (held-out)": StudyRecord.from_study(first).baselines["uniform"]["perplexity"]}
     if knapsack_value is not None:
         rivals = {"sensitivity knapsack (search windows)": knapsack_value}
     plot(curves, rivals, out / "curves.png", f"best so far at {args.budget} kept, seeds {args.seeds}")

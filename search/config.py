@@ -9,16 +9,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from finetune.gguf import GGUF_TYPES, block_size
+from finetune.gguf import GGUF_TYPES
 from pruning import reference
 from pruning.reconstruct import DEFAULT_DAMP, TARGETS
+from search import formats, objectives, samplers
 
-SAMPLERS = ("predictor", "knapsack", "tpe", "gp", "cmaes", "random")
-TABLE_SAMPLERS = ("predictor", "knapsack")  # samplers that start from the sensitivity table
-OBJECTIVES = ("perplexity", "kl", "task")  # and "lm-eval:TASK[,TASK]" (search.objectives)
 PREDICTOR_TARGETS = ("value", "margin")  # what the predictor learns: the objective's value, or the task margin
 IMPORTANCE_METHODS = ("wanda", "fluctuation", "taylor")
-EXPORT_FORMATS = ("hf", "gguf")
 
 
 class ConfigError(ValueError):
@@ -74,19 +71,13 @@ class RunConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "domains", tuple(self.domains))
         if self.ffn_step is None:
-            block = block_size(self.gguf_type) if self.export_format == "gguf" and self.gguf_type in GGUF_TYPES else 1
-            object.__setattr__(self, "ffn_step", max(8, block))
+            entry = formats.REGISTRY.get(self.export_format)
+            object.__setattr__(self, "ffn_step", max(8, entry.ffn_block(self) if entry else 1))
         checks = [
-            (self.sampler in SAMPLERS, f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}"),
-            (self.objective in OBJECTIVES or self.objective.startswith("lm-eval:"),
-             f"unknown objective {self.objective!r}; choose {', '.join(OBJECTIVES)} or lm-eval:TASK[,TASK]"),
-            (self.objective != "task" or bool(self.task),
-             "--objective task needs --task FILE.jsonl (multiple choice: each row with an \"options\" list and the "
-             "answer or its index); give it, or choose --objective perplexity or kl"),
+            *((False, problem) for problem in samplers.config_problems(self)),  # the sampler's own checks
+            *((False, problem) for problem in objectives.config_problems(self)),  # the objective's own checks
             (self.predictor_target in PREDICTOR_TARGETS,
              f"unknown --predictor-target {self.predictor_target!r}; choose one of {', '.join(PREDICTOR_TARGETS)}"),
-            (self.predictor_target == "value" or self.objective == "task",
-             "--predictor-target margin is the task objective's companion; give --objective task or drop it"),
             (self.task_search_examples >= 1 and self.eval_limit >= 1,
              "--task-search-examples and --eval-limit must be at least 1"),
             (
@@ -94,7 +85,6 @@ class RunConfig:
                 f"unknown importance {self.importance!r}; choose one of {', '.join(IMPORTANCE_METHODS)}",
             ),
             (self.trials >= 1, f"--trials must be at least 1, got {self.trials}"),
-            (self.sampler != "predictor" or self.n_startup >= 5, "--n-startup must be at least 5"),
             (self.seq_len >= 8, f"--seq-len must be at least 8, got {self.seq_len}"),
             (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
             (self.ffn_step >= 1, f"--ffn-step must be at least 1, got {self.ffn_step}; the default is 8"),
@@ -111,8 +101,8 @@ class RunConfig:
              f"--reconstruct-target must be one of {', '.join(TARGETS)}, got {self.reconstruct_target!r}"),
             (self.recover_steps >= 0, f"--recover-steps must be >= 0, got {self.recover_steps}"),
             (0 <= self.distill <= 1, f"--distill is a loss weight in [0, 1], got {self.distill}"),
-            (self.export_format in EXPORT_FORMATS,
-             f"unknown --format {self.export_format!r}; choose one of {', '.join(EXPORT_FORMATS)}"),
+            (self.export_format in formats.REGISTRY,
+             f"unknown --format {self.export_format!r}; choose one of {', '.join(formats.REGISTRY)}"),
             (self.gguf_type in GGUF_TYPES,
              f"unknown --gguf-type {self.gguf_type!r}; choose one of {', '.join(GGUF_TYPES)}"),
             (self.lora_rank >= 1 and self.recover_windows >= 1 and self.shots >= 0,
@@ -126,8 +116,8 @@ class RunConfig:
 
     def check_search_target(self) -> None:
         """A search for a GGUF target (--format gguf) may only propose FFN widths its type holds."""
-        block = block_size(self.gguf_type)
-        if self.export_format == "gguf" and self.ffn_step % block:
+        block = formats.REGISTRY[self.export_format].ffn_block(self)
+        if self.ffn_step % block:
             raise ConfigError(f"--ffn-step {self.ffn_step} lets the search pick FFN widths GGUF {self.gguf_type} "
                               f"cannot hold (rows in blocks of {block}); use --ffn-step {block} or a multiple")
 
@@ -216,7 +206,7 @@ class RunLayout:
         return self.root / "model.gguf"
 
     def export_path(self, config: RunConfig) -> Path:
-        return self.gguf if config.export_format == "gguf" else self.model
+        return self.root / formats.REGISTRY[config.export_format].file_name
 
     def storage_url(self, config: RunConfig) -> str:
         return config.storage or f"sqlite:///{self.study_db}"

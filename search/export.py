@@ -34,8 +34,7 @@ from finetune.data import (
 )
 from finetune.distill import dense_reference
 from finetune.evaluate import EvalData, Evaluation, evaluate, validation_metric
-from finetune.export import export_model
-from finetune.gguf import GGUF_TYPES, check_export, export_gguf
+from finetune.gguf import GGUF_TYPES
 from finetune.recover import RecoveryConfig, recover
 from pruning.architecture import Architecture
 from pruning.importance import Importance, load_or_compute
@@ -43,7 +42,8 @@ from pruning.masking import masked
 from pruning.metrics import perplexity
 from pruning.reconstruct import TARGETS, ReconstructionConfig, output_projections, reconstruct, restore
 from pruning.slicing import slice_model
-from search.config import EXPORT_FORMATS, RunConfig, RunLayout
+from search import formats
+from search.config import RunConfig, RunLayout
 from search.objectives import task_max_len
 from search.objectives.task import HELD_OUT_SHARE, search_split
 from search.setup import USER_ERRORS, Setup, prepare
@@ -153,7 +153,7 @@ def reconstruction_settings(config: RunConfig) -> ReconstructionConfig:
 
 
 def add_format_arguments(p: argparse.ArgumentParser, d: RunConfig) -> None:
-    p.add_argument("--format", dest="export_format", choices=EXPORT_FORMATS, default=d.export_format,
+    p.add_argument("--format", dest="export_format", choices=list(formats.REGISTRY), default=d.export_format,
                    help="hf: a transformers directory (per-layer remote code when shapes differ); gguf: one file "
                         "for llama.cpp, per-layer shapes as its deci architecture (default: %(default)s)")
     p.add_argument("--gguf-type", choices=GGUF_TYPES, default=d.gguf_type,
@@ -202,8 +202,7 @@ def recover_and_export(setup: Setup, importance: Importance, arch: Architecture,
 
     `comparisons`: other models' held-out metrics for the model card (uniform, knapsack, searched...)."""
     model, tokenizer, config = setup.model, setup.tokenizer, setup.config
-    if config.export_format == "gguf":
-        check_export(arch, model.config, tokenizer, config.gguf_type)
+    formats.check(arch, model.config, tokenizer, config)
     domains = text_domains(config, tokenizer)
     train_tasks, validation_tasks, held_tasks = _tasks(config, tokenizer, model)
     if train_tasks:
@@ -232,10 +231,7 @@ def recover_and_export(setup: Setup, importance: Importance, arch: Architecture,
     card = ModelCard(budget=config.budget, command=command, metrics_dense=fields_["dense"],
                      metrics_before=fields_["pruned"], metrics_after=fields_.get("recovered") or {},
                      comparisons=fields_["comparisons"])
-    if config.export_format == "gguf":
-        export = str(export_gguf(model, arch, tokenizer, out, config.gguf_type, force=force))
-    else:
-        export = str(export_model(model, arch, tokenizer, out, card, force=force))
+    export = str(formats.write(model, arch, tokenizer, out, card, config, force))
     return RecoveryRecord(export=export, **fields_)
 
 

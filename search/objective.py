@@ -25,7 +25,7 @@ from pruning.importance import Importance
 from pruning.masking import masked
 from search.objectives import Objective
 from search.space import SearchSpace
-from search.trials import ARCH_ATTR, to_loss, write_candidate, write_outcome
+from search.trials import architecture_json, to_loss, write_candidate, write_outcome
 
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -84,7 +84,7 @@ def _holder(trial: optuna.Trial, arch_json: str) -> int | None:
     never both measure.
     """
     for other in trial.study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.COMPLETE)):
-        if other.number != trial.number and other.user_attrs.get(ARCH_ATTR) == arch_json:
+        if other.number != trial.number and architecture_json(other) == arch_json:
             return other.number
     return None
 

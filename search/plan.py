@@ -55,8 +55,9 @@ import torch
 from pruning import adapter
 from pruning.architecture import Architecture, format_count
 from pruning.sensitivity import Grid
+from search import samplers
 from search.budget import parse_budget
-from search.config import TABLE_SAMPLERS, ConfigError, RunConfig
+from search.config import ConfigError, RunConfig
 from search.objectives import objective_class
 from search.setup import run_dtype
 from search.space import SearchSpace
@@ -277,7 +278,7 @@ def make_plan(config: RunConfig, device: torch.device, capacity: int | None = No
 def table_windows(config: RunConfig, spec) -> int:
     """Windows the run's sensitivity tables cost before its first trial (the local table's upper bound: per
     sublayer `local_reach` grid sizes each side of the knapsack's, and those of its parameter count)."""
-    if config.sampler not in TABLE_SAMPLERS:
+    if not samplers.needs_tables(config.sampler):
         return 0
     grid = Grid.spread(spec, config.sensitivity_points)
     windows = min(config.sensitivity_windows, config.search_windows)

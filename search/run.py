@@ -32,17 +32,18 @@ from pruning.importance import Importance, load_or_compute
 from pruning.masking import masked
 from pruning.metrics import perplexity
 from pruning.sensitivity import Grid, SensitivityTable, measure_sensitivity
-from search.config import PREDICTOR_TARGETS, SAMPLERS, TABLE_SAMPLERS, RunConfig, RunLayout
+from search import objectives, samplers
+from search.config import PREDICTOR_TARGETS, RunConfig, RunLayout
 from search.export import add_format_arguments, add_reconstruction_arguments, add_recovery_arguments, recover_and_export
 from search.knapsack import knapsack
 from search.objective import TrialObjective
 from search.objectives import objective_class
-from search.objectives.kl import TOP_K as KL_TOP_K
 from search.plan import check_fits, make_plan
+from search.record import StudyRecord, TablesCost
 from search.report import RunSummary, own_kendall, publish, write_atomic
-from search.sampler import AdditiveSampler, PredictorSampler
+from search.sampler import PredictorSampler
+from search.samplers import SamplerInputs
 from search.setup import FINAL_EVAL_WINDOWS, USER_ERRORS, Setup, prepare, resolve_device
-from search.space import SearchSpace
 from search.study import (
     StopAfterMeasurements,
     count_measurements,
@@ -108,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--sampler",
         default=d.sampler,
-        help=f"{', '.join(SAMPLERS)}; predictor and knapsack first measure the sensitivity table and start from "
-        "its knapsack, knapsack then ranks by the table alone (default: %(default)s)",
+        help=f"{', '.join(samplers.REGISTRY)}; predictor and knapsack first measure the sensitivity table and start "
+        "from its knapsack, knapsack then ranks by the table alone (default: %(default)s)",
     )
     p.add_argument(
         "--sensitivity-windows",
@@ -177,33 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def make_sampler(
-    config: RunConfig,
-    space: SearchSpace,
-    importance: Importance,
-    sensitivity: SensitivityTable | None = None,
-    resumed_trials: int = 0,
-    local: SensitivityTable | None = None,
-) -> optuna.samplers.BaseSampler:
-    """The chosen sampler. Ours draws per trial number; Optuna's get a seed offset on resume
-    so they do not replay the proposals the study already holds."""
-    if config.sampler == "predictor":
-        return PredictorSampler(space, importance, sensitivity, local, n_startup=config.n_startup, seed=config.seed)
-    if config.sampler == "knapsack":
-        return AdditiveSampler(space, importance, sensitivity, local, n_startup=config.n_startup, seed=config.seed)
-    seed = config.seed + resumed_trials
-    if config.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=config.n_startup, multivariate=True)
-    if config.sampler == "gp":
-        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=config.n_startup, deterministic_objective=True)
-    if config.sampler == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=config.n_startup)
-    return optuna.samplers.RandomSampler(seed=seed)
-
-
 def identity(setup: Setup) -> dict:
     """What must match for a study to be resumed (or shared by workers)."""
     c = setup.config
+    settings = objectives.study_settings(c)
     return {
         "model": c.model,
         "budget": setup.space.budget,
@@ -215,20 +193,10 @@ def identity(setup: Setup) -> dict:
         "seq_len": c.seq_len,
         "sampler": c.sampler,
         "sensitivity": [c.sensitivity_windows, c.sensitivity_points, c.local_table and c.local_reach]
-        if c.sampler in TABLE_SAMPLERS else None,
-        **({} if c.objective == "perplexity" else {"objective_settings": objective_settings(c)}),
+        if samplers.needs_tables(c.sampler) else None,
+        **({} if settings is None else {"objective_settings": settings}),
         **({"model_sha256": setup.source.sha256} if setup.source else {}),
     }
-
-
-def objective_settings(c: RunConfig) -> dict:
-    """What, beyond its name, decides the values an objective records (a resume with other values is refused)."""
-    if c.objective == "task":
-        return {"task": c.task, "template": c.task_template, "answer_prefix": c.task_answer_prefix, "shots": c.shots,
-                "search_examples": c.task_search_examples, "predictor_target": c.predictor_target, "seed": c.seed}
-    if c.objective.startswith("lm-eval:"):
-        return {"limit": c.eval_limit, "include": c.eval_include}
-    return {"top_k": KL_TOP_K}
 
 
 def table_windows(setup: Setup) -> torch.Tensor:
@@ -252,21 +220,30 @@ def sensitivity_tables(
 
     dense = measure()
     local = measure(base=knapsack(setup.space, dense), reach=c.local_reach, far=dense) if c.local_table else None
-    if "sensitivity" not in study.user_attrs:
+    if StudyRecord.from_study(study).tables is None:
         tables = [t for t in (dense, local) if t is not None]
-        study.set_user_attr("sensitivity", {
-            "tables": len(tables),
-            "measurements": sum(t.measurements() for t in tables),
-            "windows": dense.windows,
-            "windows_evaluated": sum(t.windows_evaluated() for t in tables),
-            "seconds": round(time.perf_counter() - started, 1),
-        })
+        cost = TablesCost(tables=len(tables), measurements=sum(t.measurements() for t in tables),
+                          windows=dense.windows, windows_evaluated=sum(t.windows_evaluated() for t in tables),
+                          seconds=round(time.perf_counter() - started, 1))
+        StudyRecord(tables=cost).to_study(study)
     return dense, local
 
 
 def tables_cost(study: optuna.Study) -> int:
     """Evaluation windows the run's sensitivity tables cost (0 for a sampler without them)."""
-    return study.user_attrs.get("sensitivity", {}).get("windows_evaluated", 0)
+    tables = StudyRecord.from_study(study).tables
+    return tables.windows_evaluated if tables else 0
+
+
+def rival_architectures(setup: Setup, importance: Importance,
+                        sensitivity: SensitivityTable | None) -> list[tuple[str, Architecture]]:
+    """(name, architecture) of the models the search is compared with: uniform and threshold pruning and,
+    with a table, the sensitivity knapsack."""
+    space = setup.space
+    rivals = [("uniform", space.uniform()), ("threshold", space.threshold(importance))]
+    if sensitivity is not None:
+        rivals.append(("knapsack", knapsack(space, sensitivity)))
+    return rivals
 
 
 def baselines(
@@ -274,17 +251,15 @@ def baselines(
 ) -> dict[str, float]:
     """Held-out perplexity of the base model, uniform and threshold pruning and, with a table, the
     sensitivity knapsack (stored once)."""
-    if "baselines" in study.user_attrs:
-        return study.user_attrs["baselines"]
-    model, windows, space = setup.model, setup.held_out, setup.space
-    out = {"base": perplexity(model, windows, setup.config.batch_size)}
-    rivals = [("uniform", space.uniform()), ("threshold", space.threshold(importance))]
-    if sensitivity is not None:
-        rivals.append(("knapsack", knapsack(space, sensitivity)))
-    for name, arch in rivals:
+    record = StudyRecord.from_study(study)
+    if record.perplexities is not None:
+        return record.perplexities
+    model, windows, batch = setup.model, setup.held_out, setup.config.batch_size
+    out = {"base": perplexity(model, windows, batch)}
+    for name, arch in rival_architectures(setup, importance, sensitivity):
         with masked(model, arch, importance):
-            out[name] = perplexity(model, windows, setup.config.batch_size)
-    study.set_user_attr("baselines", out)
+            out[name] = perplexity(model, windows, batch)
+    StudyRecord(baselines={name: {"perplexity": value} for name, value in out.items()}).to_study(study)
     return out
 
 
@@ -292,18 +267,16 @@ def objective_baselines(study: optuna.Study, setup: Setup, importance: Importanc
                         sensitivity: SensitivityTable | None) -> dict[str, dict[str, float]]:
     """Held-out metrics of the base model and the rivals for an objective other than perplexity: the perplexity
     of `baselines` with the objective and its companions (stored once)."""
-    if "objective_baselines" in study.user_attrs:
-        return study.user_attrs["objective_baselines"]
-    base, space = baselines(study, setup, importance, sensitivity), setup.space
+    record = StudyRecord.from_study(study)
+    if record.has_objective_baselines:
+        return {name: dict(metrics) for name, metrics in record.baselines.items()}
+    base = baselines(study, setup, importance, sensitivity)
     objective = setup.objective("held_out")
     out = {"base": {"perplexity": base["base"], **objective(setup.model).flat(objective.name)}}
-    rivals = [("uniform", space.uniform()), ("threshold", space.threshold(importance))]
-    if sensitivity is not None:
-        rivals.append(("knapsack", knapsack(space, sensitivity)))
-    for name, arch in rivals:
+    for name, arch in rival_architectures(setup, importance, sensitivity):
         with masked(setup.model, arch, importance):
             out[name] = {"perplexity": base[name], **objective(setup.model).flat(objective.name)}
-    study.set_user_attr("objective_baselines", out)
+    StudyRecord(baselines=out).to_study(study)
     return out
 
 
@@ -402,7 +375,7 @@ def export_best(study: optuna.Study, setup: Setup, importance: Importance, summa
     comparisons = {name: values for name, values in summary.objective_values.items() if name != "base"}
     record = recover_and_export(setup, importance, arch, layout.export_path(setup.config), command, force=True,
                                 comparisons=comparisons)
-    study.set_user_attr("recovery", record.to_dict())
+    StudyRecord(recovery=record.to_dict()).to_study(study)
     summary = replace(summary, recovery=record, wall_time_s=round(time.time() - started, 1))
     write_summary(study, layout, summary)
     return summary
@@ -434,9 +407,9 @@ def start(config: RunConfig) -> tuple[Setup, optuna.Study, Importance, Sensitivi
             shutil.rmtree(layout.root, ignore_errors=True)
         raise
     sensitivity = local = None
-    if config.sampler in TABLE_SAMPLERS:
+    if samplers.needs_tables(config.sampler):
         sensitivity, local = sensitivity_tables(study, setup, importance)
-    sampler = make_sampler(config, setup.space, importance, sensitivity, len(study.trials), local)
+    sampler = samplers.build(SamplerInputs(config, setup.space, importance, sensitivity, local, len(study.trials)))
     study = optuna.load_study(study_name=study.study_name, storage=storage, sampler=sampler)
     write_atomic(layout.config, config.to_json())
     return setup, study, importance, sensitivity

@@ -7,12 +7,12 @@ from dataclasses import dataclass, field
 import torch
 
 from finetune.data import TaskDataError, TaskFormat, read_task_jsonl
-from finetune.gguf import GGUFExportError, check_export
+from finetune.gguf import GGUFExportError
 from pruning import adapter
 from pruning.architecture import Architecture, ArchitectureError
 from pruning.data import DataError, evenly_spaced, read_text, token_windows
 from pruning.metrics import default_device
-from search import objectives
+from search import formats, objectives
 from search.budget import BudgetError, parse_budget
 from search.config import ConfigError, ModelSource, RunConfig, RunLayout
 from search.space import InfeasibleBudgetError, SearchSpace, SpaceError
@@ -49,7 +49,7 @@ class Setup:
     search_windows: torch.Tensor  # (M, T)
     final_windows: torch.Tensor  # (K, T) evenly spread over the evaluation text; the search windows are M of them
     held_out: torch.Tensor  # (K - M, T) the final windows no trial is measured on: what results are reported on
-    suite: objectives.Suite | None = None  # lm-eval tasks, loaded and checked once
+    checked: object | None = None  # what the objective's `check` read (lm-eval's tasks), reused when it is built
     source: ModelSource | None = None  # the GGUF file the model was read from (None: a directory or hub id)
     _objectives: dict = field(default_factory=dict, repr=False)
 
@@ -57,7 +57,7 @@ class Setup:
         """The run's objective bound to the search or held-out split, built once; build "held_out" while the
         model is dense (before slicing: the KL teacher reads it)."""
         if split not in self._objectives:
-            self._objectives[split] = objectives.build(self.config, self, split, self.suite)
+            self._objectives[split] = objectives.build(self.config, self, split, self.checked)
         return self._objectives[split]
 
 
@@ -118,12 +118,12 @@ def prepare(config: RunConfig) -> Setup:
         read_text(path, "train")
     if config.task:
         read_task_jsonl(config.task, TaskFormat(config.task_template, answer_prefix=config.task_answer_prefix))
-    suite = objectives.check(config)
+    checked = objectives.check(config)
     if config.storage:
         open_storage(config.storage)
     tokenizer = adapter.load_tokenizer(config.model)
-    if config.export and config.export_format == "gguf":  # refuse now, not after the search and recovery
-        check_export(Architecture.full(spec), model_config, tokenizer, config.gguf_type)
+    if config.export:  # refuse now, not after the search and recovery
+        formats.check(Architecture.full(spec), model_config, tokenizer, config)
     calibration = token_windows(
         tokenizer, calibration_text, config.seq_len, config.calibration_windows, "calibration text"
     )
@@ -138,7 +138,8 @@ def prepare(config: RunConfig) -> Setup:
     layout = RunLayout(config.run_dir())
     source = model_source(config, layout)
     model = adapter.load_model(config.model, device, run_dtype(device))
-    setup = Setup(config, layout, space, model, tokenizer, calibration, final[picked], final, held_out, suite, source)
+    setup = Setup(config, layout, space, model, tokenizer, calibration, final[picked], final, held_out, checked,
+                  source)
     setup.objective("search")  # refuses now what the objective cannot measure (e.g. too few lm-eval documents)
     return setup
 

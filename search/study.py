@@ -26,6 +26,9 @@ from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartb
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
+from search.record import StudyRecord
+from search.trials import enqueue_retry, trial_error, trial_worker
+
 HEARTBEAT_S = 30
 SCHEMA_ATTEMPTS = 3
 
@@ -76,9 +79,9 @@ def open_study(
     study = optuna.create_study(
         storage=storage, study_name=name, sampler=sampler, direction=direction, load_if_exists=True
     )
-    stored = study.user_attrs.get("identity")
+    stored = StudyRecord.from_study(study).identity
     if stored is None:
-        study.set_user_attr("identity", identity)
+        StudyRecord(identity=identity).to_study(study)
     elif stored != identity:
         diff = sorted(k for k in identity if stored.get(k) != identity[k])
         raise StudyMismatchError(
@@ -93,15 +96,14 @@ def retry_dead_workers(study: optuna.Study) -> list[int]:
     host = socket.gethostname()
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker = trial.user_attrs.get("worker", "")
-        worker_host, _, pid = worker.rpartition(":")
+        worker_host, _, pid = (trial_worker(trial) or "").rpartition(":")
         if worker_host != host or not pid.isdigit() or _alive(int(pid)):
             continue
         try:
             study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
         except UpdateFinishedTrialError:  # another worker starting up got there first and queued it
             continue
-        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+        enqueue_retry(study, trial)
         failed.append(trial.number)
     return failed
 
@@ -124,7 +126,7 @@ def is_measurement(trial: optuna.trial.FrozenTrial) -> bool:
     """Measured, skipped as a duplicate, or failed on its own (out of memory, non-finite metric: the
     objective writes "error"); not a trial whose worker was killed or interrupted while measuring."""
     return trial.state in (TrialState.COMPLETE, TrialState.PRUNED) or (
-        trial.state == TrialState.FAIL and "error" in trial.user_attrs
+        trial.state == TrialState.FAIL and trial_error(trial) is not None
     )
 
 

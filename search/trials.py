@@ -4,6 +4,7 @@ A trial's data lives in its attributes, so the study alone (any storage, any wor
 
     user attrs     architecture (JSON), params, param_ratio, worker   written before measuring (`write_candidate`)
                    objective, metrics, loss, wall_time_s, error         written after measuring (`write_outcome`)
+                   retry_of                                             on a dead worker's trial queued again
     system attrs   phase, predicted, predicted_spread                   written by the sampler (`write_proposal`)
     value          the objective's value, in the study's direction (perplexity minimised, accuracy maximised)
 
@@ -114,8 +115,28 @@ def write_proposal(study: optuna.Study, trial: FrozenTrial, phase: str, note: Ma
 
 
 def trial_architecture(trial: FrozenTrial) -> Architecture | None:
-    text = trial.user_attrs.get(ARCH_ATTR)
+    text = architecture_json(trial)
     return Architecture.from_json(text) if text else None
+
+
+def architecture_json(trial: FrozenTrial) -> str | None:
+    """The candidate's architecture as written (duplicate checks compare these)."""
+    return trial.user_attrs.get(ARCH_ATTR)
+
+
+def trial_worker(trial: FrozenTrial) -> str | None:
+    """"host:pid" of the worker measuring (or that measured) the trial."""
+    return trial.user_attrs.get("worker")
+
+
+def trial_error(trial: FrozenTrial) -> str | None:
+    """Why the candidate failed on its own (out of memory, non-finite metric); None when it did not."""
+    return trial.user_attrs.get("error")
+
+
+def enqueue_retry(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Queue `trial`'s parameters again, noting which trial the new one retries."""
+    study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
 
 
 def completed(study: optuna.Study) -> list[FrozenTrial]:

@@ -1,5 +1,10 @@
 """What every objective is: a name, a direction, what it needs, a relative cost, and a call on the (masked) model.
 
+An objective also declares, on its class, what the run asks of the user for it: `config_problems` (checks of
+the run's settings), `check` (of its files, before anything is loaded), `study_settings` (what beyond its name
+decides its values: part of the study's identity) and `from_config` (how it is built for a split). Registered
+by `search.objectives.register_objective`, it is then a valid `--objective`.
+
 An objective is bound to its data when built (the search split that trials are measured on, or the
 held-out split results are reported on) and then called once per candidate:
 
@@ -52,9 +57,32 @@ class Objective(abc.ABC):
     needs: ClassVar[tuple[str, ...]] = ()  # "teacher" (dense model outputs), "labels" (task answers)
     relative_cost: ClassVar[float] = 1.0  # rough time per trial over perplexity's on the same windows
     companions: ClassVar[Mapping[str, str]] = {}  # companion metric name -> its direction
+    usage: ClassVar[str | None] = None  # "NAME:ARGUMENT" form of an objective that takes one (lm-eval:TASK[,TASK])
 
     @abc.abstractmethod
     def __call__(self, model: torch.nn.Module) -> Score: ...
+
+    @classmethod
+    def config_problems(cls, config) -> list[str]:
+        """What the user must change in the run's settings (`RunConfig`) for this objective; read from them alone."""
+        return []
+
+    @classmethod
+    def check(cls, config) -> object | None:
+        """Refuse what cannot be measured, reading only the objective's own inputs (task files, lm-eval's index)
+        before any model is loaded; what it returns is handed to `from_config` (None: nothing to keep)."""
+        return None
+
+    @classmethod
+    @abc.abstractmethod
+    def study_settings(cls, config) -> dict | None:
+        """The settings, beyond its name, that decide the values it records: the study's identity holds them, so a
+        resume with other values is refused. None: none (the identity then has no objective_settings)."""
+
+    @classmethod
+    @abc.abstractmethod
+    def from_config(cls, config, setup, split: str, checked: object | None) -> Objective:
+        """Bound to `split` ("search" or "held_out") of `setup`'s data; `checked` is what `check` returned."""
 
     @classmethod
     def target_direction(cls, target: str) -> str:

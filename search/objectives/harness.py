@@ -83,6 +83,7 @@ class LMEval(Objective):
     direction = "maximize"
     needs = ("labels",)
     relative_cost = 4.3  # measured 4.31x, 64 zero-shot next-line documents vs 32 windows (experiments/task_study.py)
+    usage = PREFIX + "TASK[,TASK]"
 
     @property
     def name(self) -> str:  # noqa: D401 (the objective as the user wrote it)
@@ -100,6 +101,19 @@ class LMEval(Objective):
                                      f"to report on; give --eval-limit {max(1, n // 2)} or less")
             samples[name] = list(range(limit)) if split == "search" else list(range(limit, n))
         return cls(suite, lm, samples)
+
+    @classmethod
+    def check(cls, config) -> Suite:
+        return Suite.load(config.objective, config.eval_include)
+
+    @classmethod
+    def study_settings(cls, config) -> dict:
+        return {"limit": config.eval_limit, "include": config.eval_include}
+
+    @classmethod
+    def from_config(cls, config, setup, split: str, checked: Suite | None = None) -> LMEval:
+        suite = checked or cls.check(config)
+        return cls.build(suite, setup.model, setup.tokenizer, config.batch_size, config.eval_limit, split)
 
     def __call__(self, model) -> Score:
         lm_eval, *_ = _lm_eval()

@@ -88,3 +88,13 @@ class KL(Objective):
 
     def __call__(self, model) -> Score:
         return Score(float(top_k_kl(model, self.teacher, self.batch_size).mean()))
+
+    @classmethod
+    def study_settings(cls, config) -> dict:
+        return {"top_k": TOP_K}
+
+    @classmethod
+    def from_config(cls, config, setup, split: str, checked=None) -> KL:
+        """Reads the dense model: build it before any candidate is masked."""
+        windows = setup.search_windows if split == "search" else setup.held_out
+        return cls(Teacher.compute(setup.model, windows, batch_size=config.batch_size), config.batch_size)

@@ -20,3 +20,11 @@ class Perplexity(Objective):
 
     def __call__(self, model) -> Score:
         return Score(perplexity(model, self.windows, self.batch_size))
+
+    @classmethod
+    def study_settings(cls, config) -> None:
+        return None  # the windows and batch are the run's own (its identity's seq_len); studies never held any
+
+    @classmethod
+    def from_config(cls, config, setup, split: str, checked=None) -> Perplexity:
+        return cls(setup.search_windows if split == "search" else setup.held_out, config.batch_size)

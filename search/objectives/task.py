@@ -36,6 +36,12 @@ def read_task(path: str, template: str, answer_prefix: str, seed: int,
     return split_examples(examples, held_out=HELD_OUT_SHARE, seed=seed)
 
 
+def task_max_len(config, model) -> int:
+    """Tokens a task example (shots, prompt and option) may take: the model's positions, at least --seq-len
+    (task examples are not the evaluation windows; shots are dropped, earliest first, to fit)."""
+    return max(config.seq_len, getattr(model.config, "max_position_embeddings", None) or 0)
+
+
 def search_split(train: tuple[TaskExample, ...], n: int) -> tuple[tuple[TaskExample, ...], tuple[TaskExample, ...]]:
     """(`n` search examples evenly spread over `train`, the other training examples: their shot pool)."""
     picked = set(np.linspace(0, len(train) - 1, min(n, len(train))).round().astype(int).tolist())
@@ -62,3 +68,30 @@ class TaskAccuracy(Objective):
     def __call__(self, model) -> Score:
         s = task_scores(model, self.tasks, self.batch_size)
         return Score(s.acc, {"acc_norm": s.acc_norm, "margin": s.margin})
+
+    @classmethod
+    def config_problems(cls, config) -> list[str]:
+        if config.task:
+            return []
+        return ["--objective task needs --task FILE.jsonl (multiple choice: each row with an \"options\" list and the "
+                "answer or its index); give it, or choose --objective perplexity or kl"]
+
+    @classmethod
+    def check(cls, config) -> None:
+        read_task(config.task, config.task_template, config.task_answer_prefix, config.seed, need_options=True)
+
+    @classmethod
+    def study_settings(cls, config) -> dict:
+        return {"task": config.task, "template": config.task_template, "answer_prefix": config.task_answer_prefix,
+                "shots": config.shots, "search_examples": config.task_search_examples,
+                "predictor_target": config.predictor_target, "seed": config.seed}
+
+    @classmethod
+    def from_config(cls, config, setup, split: str, checked=None) -> TaskAccuracy:
+        """Search split: `--task-search-examples` of the training examples, shots from the others; held out:
+        the held-out examples, shots from all training examples."""
+        train, held = read_task(config.task, config.task_template, config.task_answer_prefix, config.seed, True)
+        search, pool = search_split(train, config.task_search_examples)
+        examples, pool = (search, pool) if split == "search" else (held, train)
+        return cls.encode(setup.tokenizer, examples, pool, task_max_len(config, setup.model), config.shots,
+                          config.seed, config.batch_size)

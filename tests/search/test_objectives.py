@@ -63,7 +63,8 @@ def test_perplexity_objective_is_the_perplexity(models, windows):
 
 
 def test_the_registry_declares_direction_needs_and_cost():
-    assert {name: (cls.direction, cls.needs) for name, cls in REGISTRY.items()} == {
+    shipped = ("perplexity", "kl", "task", "lm-eval")  # the conformance suite registers a toy beside them
+    assert {name: (REGISTRY[name].direction, REGISTRY[name].needs) for name in shipped} == {
         "perplexity": ("minimize", ()),
         "kl": ("minimize", ("teacher",)),
         "task": ("maximize", ("labels",)),
