@@ -33,6 +33,11 @@ RUNS = {
 }
 VOLATILE_SUMMARY = ("run_dir", "storage", "study_name", "wall_time_s", "dashboard")  # where and when, not what
 VOLATILE_TRIAL = ("wall_time_s", "worker")
+CHOICE_FREE_SUMMARY = ("model", "budget_params", "base_params", "trials_complete", "trials_failed", "base_perplexity",
+                       "uniform_perplexity", "threshold_perplexity", "knapsack_perplexity", "held_out_windows",
+                       "windows_evaluated", "objective", "objective_direction")  # not which trials were chosen
+REL = 1e-5  # floats across CPUs; a changed decision or formula moves them by far more
+PREDICTED_REL = 1e-3  # the predictor's outputs: boosted trees amplify its labels' last digits
 
 
 def fingerprint(out: Path) -> dict:
@@ -64,9 +69,37 @@ def run_pinned(name: str, root: Path) -> dict:
 def test_run_matches_its_pinned_figures(name, tmp_path):
     expected = json.loads(PINNED.read_text())[name]
     got = run_pinned(name, tmp_path)
-    assert got["trials"] == expected["trials"]
-    assert got["study"] == expected["study"]
-    assert got["summary"] == expected["summary"]
+    if got == expected:  # the CPU kernels the figures were pinned with: bit for bit
+        return
+    # Another CPU (AVX-512 vs AVX2 kernels) rounds float32 sums differently, ~1e-7 relative. Every decision stays
+    # exact and every float within REL, except where the predictor ranks candidates: a near-tie between two
+    # proposals can go either way there, and from that trial on only the count and states are comparable.
+    cut = next((i for i, (g, e) in enumerate(zip(got["trials"], expected["trials"]))
+                if e["system_attrs"].get("phase") == "guided" and g["params"] != e["params"]), None)
+    assert_same(got["trials"][:cut], expected["trials"][:cut], "trials")
+    assert [t["state"] for t in got["trials"]] == [t["state"] for t in expected["trials"]]
+    assert_same(got["study"], expected["study"], "study")
+    summary = dict(expected["summary"]) if cut is None else {
+        k: v for k, v in expected["summary"].items() if k in CHOICE_FREE_SUMMARY}
+    assert_same({k: got["summary"][k] for k in summary}, summary, "summary")
+
+
+def assert_same(got, expected, where: str) -> None:
+    """Equal, every decision exactly (states, params, architectures, counts) and every float to REL: the same code
+    gives bit-identical floats on one CPU, but other CPUs' kernels (AVX-512 vs AVX2) round sums differently."""
+    if isinstance(expected, float) and isinstance(got, float):
+        rel = PREDICTED_REL if where.split(".")[-1].startswith("predicted") else REL
+        assert got == pytest.approx(expected, rel=rel), where
+    elif isinstance(expected, dict) and isinstance(got, dict):
+        assert got.keys() == expected.keys(), where
+        for key in expected:
+            assert_same(got[key], expected[key], f"{where}.{key}")
+    elif isinstance(expected, list) and isinstance(got, list):
+        assert len(got) == len(expected), where
+        for i, (g, e) in enumerate(zip(got, expected)):
+            assert_same(g, e, f"{where}[{i}]")
+    else:
+        assert got == expected, where
 
 
 if __name__ == "__main__":  # re-pin, on one thread as the tests run (tests/conftest.py)
