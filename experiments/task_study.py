@@ -37,7 +37,7 @@ from scipy.stats import kendalltau
 from experiments import provenance
 from finetune import next_line
 from predictor.features import FeatureBuilder
-from predictor.model import AccuracyPredictor
+from predictor.model import ObjectivePredictor
 from pruning.importance import load_or_compute
 from pruning.masking import masked
 from pruning.metrics import window_losses
@@ -166,7 +166,7 @@ def predictor_tau(features, y: np.ndarray, seed: int) -> float:
     taus = []
     for fold in np.array_split(order, FOLDS):
         train = np.setdiff1d(order, fold)
-        predictor = AccuracyPredictor(seed=seed).fit(features.iloc[train], y[train])
+        predictor = ObjectivePredictor(seed=seed).fit(features.iloc[train], y[train])
         predicted, _ = predictor.predict(features.iloc[fold])
         taus.append(kendalltau(predicted, y[fold]).statistic)
     return float(np.nanmean(taus))

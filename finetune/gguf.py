@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
-from finetune.export import is_uniform
+from finetune.hf_writer import is_uniform
 from pruning import adapter
 from pruning.architecture import Architecture
 from pruning.files import replacing
