@@ -283,4 +283,3 @@ def _cache_path(model, importance, windows, grid, losses, cache_dir, base, reach
     h = hashlib.sha256(json.dumps([CACHE_VERSION, grid.attention, grid.ffn, sorted(losses), *around]).encode())
     h.update((cache_key(model, windows, importance.method) + importance.digest()).encode())
     return Path(cache_dir) / f"sensitivity-{h.hexdigest()[:20]}.json"
-

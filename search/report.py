@@ -211,4 +211,3 @@ def _best_so_far(study: optuna.Study) -> go.Figure:
     )
     fig.update_layout(title=f"{name} by trial", xaxis_title="trial", yaxis_title=name)
     return fig
-

@@ -143,5 +143,3 @@ def prepare(config: RunConfig) -> Setup:
                   source)
     setup.objective("search")  # refuses now what the objective cannot measure (e.g. too few lm-eval documents)
     return setup
-
-
