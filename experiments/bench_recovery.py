@@ -38,7 +38,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from finetune.card import ModelCard
 from finetune.data import lm_domain
-from finetune.export import export_model
+from finetune.hf_writer import export_model
 from finetune.recover import RecoveryConfig, recover
 from pruning import adapter, reference
 from pruning.architecture import Architecture, LayerShape

@@ -39,7 +39,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from experiments import provenance
 from pruning import adapter, importance, reference
-from search import export, objective, plan, run
+from search import export, plan, run, trial_objective
 from search.config import RunConfig
 
 TINYLLAMA = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
@@ -52,7 +52,7 @@ STAGES = {
     "load": (adapter, "load_model", "load"),
     "importance": (importance, "compute_importance", "importance (wanda, fluctuation)"),
     "baselines": (run, "baselines", "candidate evaluation"),
-    "trials": (objective.TrialObjective, "measure", "candidate evaluation"),
+    "trials": (trial_objective.TrialObjective, "measure", "candidate evaluation"),
     "summary": (run, "finish", "candidate evaluation"),
     "teacher targets": (export, "dense_teacher", "teacher targets"),
     "slicing": (export, "slice_model", "slicing"),

@@ -48,6 +48,7 @@ from finetune.evaluate import EvalData
 from finetune.recover import recover
 from pruning.architecture import Architecture
 from pruning.compensation import input_means
+from pruning.files import write_atomic
 from pruning.importance import compute_importance, load_or_compute
 from pruning.metrics import perplexity
 from pruning.reconstruct import reconstruct
@@ -59,7 +60,7 @@ from search.config import ConfigError, RunConfig
 from search.export import dense_teacher, reconstruction_settings, recovery_settings, text_domains
 from search.knapsack import knapsack
 from search.pipeline import open_run_study, run_search
-from search.report import RunSummary, write_atomic
+from search.report import RunSummary
 from search.setup import USER_ERRORS, Setup, prepare
 from search.space import SearchSpace
 from search.trials import trial_architecture

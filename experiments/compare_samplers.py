@@ -25,10 +25,10 @@ from optuna.trial import TrialState
 
 from experiments import provenance
 from experiments.compare import run_config, share_tables
+from pruning.files import write_atomic
 from search import samplers
 from search.pipeline import open_run_study, run_search
 from search.record import StudyRecord
-from search.report import write_atomic
 from search.run import tables_cost
 
 

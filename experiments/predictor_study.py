@@ -34,7 +34,7 @@ from experiments import provenance
 from predictor.base import Predictor
 from predictor.baselines import AdditiveBaseline, ForestBaseline, MassProxy, RidgeBaseline
 from predictor.features import FeatureBuilder
-from predictor.model import AccuracyPredictor
+from predictor.model import ObjectivePredictor
 from predictor.validate import evaluate_holdout
 from pruning import adapter, reference
 from pruning.architecture import Architecture
@@ -46,7 +46,7 @@ from pruning.sensitivity import Grid, measure_sensitivity
 from search.space import SearchSpace
 
 PREDICTORS: dict[str, Callable[[int], Predictor]] = {
-    "xgboost": lambda seed: AccuracyPredictor(n_members=8, seed=seed),
+    "xgboost": lambda seed: ObjectivePredictor(n_members=8, seed=seed),
     "proxy:mass_total": lambda seed: MassProxy("mass_total"),
     "proxy:mass_mean": lambda seed: MassProxy("mass_mean"),
     "ridge": lambda seed: RidgeBaseline(),

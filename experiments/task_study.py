@@ -37,15 +37,15 @@ from scipy.stats import kendalltau
 from experiments import provenance
 from finetune import next_line
 from predictor.features import FeatureBuilder
-from predictor.model import AccuracyPredictor
+from predictor.model import ObjectivePredictor
 from pruning.importance import load_or_compute
 from pruning.masking import masked
 from pruning.metrics import window_losses
 from search.config import RunConfig
 from search.export import recover_and_export
-from search.objectives import KL, LMEval, Perplexity, Teacher
+from search.objectives import KL, LMEval, Perplexity
 from search.objectives.harness import Suite
-from search.objectives.kl import top_k_kl
+from search.objectives.kl import dense_top_k, kl_per_position
 from search.objectives.task import read_task
 from search.pipeline import run_search
 from search.setup import prepare
@@ -114,13 +114,13 @@ def objectives_study(args, out: Path) -> dict:
     model, windows = setup.model, setup.search_windows
     importance = load_or_compute(model, setup.calibration, config.importance, setup.layout.root, config.batch_size)
     task = setup.objective("search")
-    teacher = Teacher.compute(model, windows, batch_size=config.batch_size)
+    dense = dense_top_k(model, windows, batch_size=config.batch_size)
     archs = candidate_pool(setup.space, importance, args.candidates, args.seed)
     nll, kl, acc, margin = [], [], [], []
     for i, arch in enumerate(archs):
         with masked(model, arch, importance):
             nll.append(window_losses(model, windows, config.batch_size)["nll"])  # (N,)
-            kl.append(top_k_kl(model, teacher, config.batch_size).mean(1).numpy())  # (N,)
+            kl.append(kl_per_position(model, windows, dense, config.batch_size).mean(1).numpy())  # (N,)
             score = task(model)
         acc.append(score.value)
         margin.append(score.metrics["margin"])
@@ -138,7 +138,7 @@ def objectives_study(args, out: Path) -> dict:
         "kl": subset_agreement([kl[:, s].mean(1) for s in subsets]),
     }
     return {"candidates": len(archs), "budget": args.study_budget, "tau": taus, "consistency": consistency,
-            "cost": costs(args, setup, importance, archs[: args.timed], teacher),
+            "cost": costs(args, setup, importance, archs[: args.timed], dense),
             "spread": {"accuracy": [float(min(acc)), float(max(acc))], "distinct accuracies": len(set(acc))}}
 
 
@@ -166,7 +166,7 @@ def predictor_tau(features, y: np.ndarray, seed: int) -> float:
     taus = []
     for fold in np.array_split(order, FOLDS):
         train = np.setdiff1d(order, fold)
-        predictor = AccuracyPredictor(seed=seed).fit(features.iloc[train], y[train])
+        predictor = ObjectivePredictor(seed=seed).fit(features.iloc[train], y[train])
         predicted, _ = predictor.predict(features.iloc[fold])
         taus.append(kendalltau(predicted, y[fold]).statistic)
     return float(np.nanmean(taus))
@@ -177,11 +177,11 @@ def subset_agreement(values: list[np.ndarray]) -> float:
     return float(np.mean([kendalltau(a, b).statistic for a, b in itertools.combinations(values, 2)]))
 
 
-def costs(args, setup, importance, archs, teacher) -> dict[str, float]:
+def costs(args, setup, importance, archs, dense) -> dict[str, float]:
     """Seconds per trial (mask + objective call) of each objective, on the same search split."""
     config, model = setup.config, setup.model
     objectives = {"perplexity": Perplexity(setup.search_windows, config.batch_size),
-                  "kl": KL(teacher, config.batch_size), "task": setup.objective("search")}
+                  "kl": KL(setup.search_windows, dense, config.batch_size), "task": setup.objective("search")}
     try:
         suite = Suite.load("lm-eval:next_line", str(lm_eval_yaml(Path(args.out) / "lm_eval_tasks")))
         objectives["lm-eval:next_line"] = LMEval.build(suite, model, setup.tokenizer, config.batch_size,

@@ -6,6 +6,6 @@
     pruning.slicing.slice_model(dense, arch, importance)
     model, result = finetune.recover.recover(dense, domains, RecoveryConfig(distill_weight=0.5),
                                              evaluation=EvalData(eval_windows), reference=reference)
-    finetune.export.export_model(model, arch, tokenizer, out_dir,
-                                 ModelCard(budget, command, result.before.to_dict(), result.after.to_dict()))
+    finetune.hf_writer.export_model(model, arch, tokenizer, out_dir,
+                                    ModelCard(budget, command, result.before.to_dict(), result.after.to_dict()))
 """

@@ -16,6 +16,7 @@ The continuation the model must produce is `answer_prefix + answer` (" Paris").
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from pruning.data import read_text, token_windows
 
 IGNORE = -100  # label of positions without loss (the convention of transformers and F.cross_entropy)
 SHOT_SEPARATOR = "\n\n"
+HELD_OUT_SHARE = 0.2  # of a task's examples: what summaries and cards report; no search or recovery sees them
 
 
 class TaskDataError(ValueError):
@@ -140,6 +142,20 @@ def split_examples(examples: tuple[TaskExample, ...], held_out: float, seed: int
     order = np.random.default_rng(seed).permutation(len(examples))
     train, held = sorted(order[n_eval:]), sorted(order[:n_eval])
     return tuple(examples[i] for i in train), tuple(examples[i] for i in held)
+
+
+def read_task_split(path: str | Path, fmt: TaskFormat, seed: int = 0, held_out: float = HELD_OUT_SHARE,
+                    check: Callable[[tuple[TaskExample, ...]], None] | None = None):
+    """(training, held-out) examples of a task JSONL: `read_task_jsonl`, then `split_examples`.
+
+    The split is a function of the file, `held_out` and `seed` only, so the search, the export and the
+    checks before a run all see the same examples on each side. `check` sees every example in file
+    order before the split and raises what its caller cannot use (e.g. an example without options).
+    """
+    examples = read_task_jsonl(path, fmt)
+    if check is not None:
+        check(examples)
+    return split_examples(examples, held_out, seed)
 
 
 def shot_indices(n_pool: int, shots: int, seed: int, index: int, exclude_self: bool) -> list[int]:

@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from finetune.data import Domain
-from finetune.losses import TeacherTargets, bucket_logprobs, chunk_positions, next_token_losses
+from finetune.losses import chunk_positions, next_token_losses
+from pruning.topk import TopKDistribution
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class DenseReference:
 
     losses: dict[str, float]
     temperature: float
-    targets: dict[str, TeacherTargets]
+    targets: dict[str, TopKDistribution]
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
@@ -66,7 +67,7 @@ def dense_reference(model: PreTrainedModel, domains: Sequence[Domain], top_k: in
         for d in domains:
             losses[d.name], parts = _domain_pass(model, d, top_k, temperature, batch_size)
             if top_k:
-                targets[d.name] = TeacherTargets(*(torch.cat(x) for x in zip(*parts, strict=True)))
+                targets[d.name] = TopKDistribution.cat(parts, dim=0)
     finally:
         model.train(was_training)
     return DenseReference(losses, temperature, targets)
@@ -74,7 +75,7 @@ def dense_reference(model: PreTrainedModel, domains: Sequence[Domain], top_k: in
 
 @torch.inference_mode()
 def _domain_pass(model: PreTrainedModel, domain: Domain, top_k: int, temperature: float, batch_size: int):
-    """(mean NLL of the domain, [(top logprobs, int32 indices, rest) per batch, on the CPU])."""
+    """(mean NLL of the domain, [teacher buckets of each batch, on the CPU])."""
     device = next(model.parameters()).device
     head = model.get_output_embeddings()
     total, count, parts = 0.0, 0, []
@@ -91,13 +92,9 @@ def _domain_pass(model: PreTrainedModel, domain: Domain, top_k: int, temperature
     return total / count, parts
 
 
-def _top_k(hidden: torch.Tensor, head, k: int, temperature: float) -> tuple[torch.Tensor, ...]:
+def _top_k(hidden: torch.Tensor, head, k: int, temperature: float) -> TopKDistribution:
     """Teacher buckets of (B, T-1, H) next-token hidden states, on the CPU, the LM head a chunk at a time."""
     step = chunk_positions(hidden.shape[0], head.out_features)
-    pieces = []
-    for c in range(0, hidden.shape[1], step):
-        logits = head(hidden[:, c : c + step]).float()  # (B, t, V)
-        indices = logits.topk(k, dim=-1).indices
-        top, rest = bucket_logprobs(logits, indices, temperature)
-        pieces.append((top.cpu(), indices.int().cpu(), rest.cpu()))
-    return tuple(torch.cat(x, dim=1) for x in zip(*pieces, strict=True))
+    pieces = [TopKDistribution.of_logits(head(hidden[:, c : c + step]), k, temperature).to("cpu")  # (B, t, V) logits
+              for c in range(0, hidden.shape[1], step)]
+    return TopKDistribution.cat(pieces, dim=1)

@@ -27,13 +27,12 @@ reuses token_embd as the output).
 Weights are f32, f16, or Q8_0 through gguf's own quantizer (2-D tensors; norms and
 biases stay f32). A Q8_0 row must be a multiple of 32 values, so the architecture
 is checked before anything is written. The file is written next to its target and
-renamed into place, so a failure leaves nothing behind.
+renamed into place (`pruning.files.replacing`), so a failure leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,9 +41,10 @@ import numpy as np
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
-from finetune.export import is_uniform
+from finetune.hf_writer import is_uniform
 from pruning import adapter
 from pruning.architecture import Architecture
+from pruning.files import replacing
 
 ZERO_FFN = 32  # channels standing in for a dropped MLP (one Q8_0 block)
 GGUF_TYPES = ("f32", "f16", "q8_0")
@@ -263,10 +263,7 @@ def export_gguf(model: PreTrainedModel, arch: Architecture, tokenizer, out_path:
     vocab = read_vocab(tokenizer, arch.spec.vocab_size)
     arch_name = adapter.FAMILIES[arch.spec.family].gguf_arch if is_uniform(arch) else "deci"
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with replacing(out) as tmp:
         writer = gguf.GGUFWriter(tmp, arch_name)
         writer.add_name(Path(arch.spec.base_model).name + "-pruned")
         _write_vocab(writer, vocab)
@@ -275,11 +272,4 @@ def export_gguf(model: PreTrainedModel, arch: Architecture, tokenizer, out_path:
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o666 & ~umask)  # mkstemp's 0600 -> what a plain open() would have made
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return out

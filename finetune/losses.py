@@ -6,7 +6,8 @@ Distillation compares (k+1)-bucket distributions, the teacher's top-k tokens and
     KL = Σ_{i ∈ K ∪ {R}} p_i (log p_i - log q_i),    p = softmax(z_T / τ), q = softmax(z_S / τ) bucketed alike
 
 It is exactly 0 when the student matches the teacher, and equals the
-full-vocabulary KL when k = vocab (the rest bucket is then empty).
+full-vocabulary KL when k = vocab (the rest bucket is then empty); the buckets
+and the KL are `pruning.topk`'s, which the search's `kl` objective also uses.
 
 Chunking. (B, T, V) logits are the largest tensors of LoRA training on a
 big-vocabulary model (B=8, T=2048, V=128k: 8.6 GB per fp32 copy, and the loss
@@ -21,52 +22,21 @@ and its logits are recomputed there (one more LM-head matmul per step).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from finetune.data import IGNORE
+from pruning.topk import TopKDistribution, top_k_kl
 
 LOGITS_CHUNK_BYTES = 256 * 2**20
 
 
-@dataclass(frozen=True)
-class TeacherTargets:
-    """Teacher buckets per next-token position: logprobs, indices (N, T-1, k); rest (N, T-1)."""
-
-    logprobs: torch.Tensor
-    indices: torch.Tensor
-    rest: torch.Tensor
-
-    def positions(self, part: slice) -> TeacherTargets:
-        return TeacherTargets(self.logprobs[:, part], self.indices[:, part], self.rest[:, part])
-
-
-def bucket_logprobs(logits: torch.Tensor, indices: torch.Tensor, temperature: float) -> tuple[torch.Tensor, ...]:
-    """(log q_K (..., k), log q_R (...)) of softmax(logits / τ) for the buckets of `indices`."""
-    logz = logits.float() / temperature  # (..., V)
-    norm = torch.logsumexp(logz, dim=-1, keepdim=True)
-    top = logz.gather(-1, indices) - norm
-    rest = torch.logsumexp(logz.scatter(-1, indices, float("-inf")), dim=-1) - norm.squeeze(-1)
-    return top, rest
-
-
-def kl_terms(student_logits: torch.Tensor, targets: TeacherTargets, temperature: float) -> torch.Tensor:
-    """KL(teacher buckets || student buckets) at each position: (B, t) from student logits (B, t, V)."""
-    q_top, q_rest = bucket_logprobs(student_logits, targets.indices.long(), temperature)
-    p_top, p_rest = targets.logprobs, targets.rest
-    kl = (p_top.exp() * (p_top - q_top)).sum(-1)
-    rest = p_rest.exp() * (p_rest - q_rest)
-    return kl + torch.where(p_rest > float("-inf"), rest, torch.zeros_like(rest))  # an empty rest adds 0
-
-
-def distill_loss(student_logits: torch.Tensor, targets: TeacherTargets, mask: torch.Tensor,
+def distill_loss(student_logits: torch.Tensor, teacher: TopKDistribution, mask: torch.Tensor,
                  temperature: float) -> torch.Tensor:
     """τ² · mean KL over the positions where `mask` (B, t) is true."""
-    return temperature**2 * kl_terms(student_logits, targets, temperature)[mask].mean()
+    return temperature**2 * top_k_kl(student_logits, teacher, temperature)[mask].mean()
 
 
 def chunk_positions(batch: int, vocab: int) -> int:
@@ -74,7 +44,7 @@ def chunk_positions(batch: int, vocab: int) -> int:
 
 
 def next_token_losses(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
-                      teacher: TeacherTargets | None = None, temperature: float = 1.0):
+                      teacher: TopKDistribution | None = None, temperature: float = 1.0):
     """(NLL summed per row (B,), labelled tokens per row (B,), KL summed over labelled positions ()).
 
     hidden: (B, T, H) final hidden states; labels: (B, T), IGNORE where no loss;
@@ -94,10 +64,10 @@ def next_token_losses(hidden: torch.Tensor, head: nn.Module, labels: torch.Tenso
     return nll, (targets != IGNORE).sum(1), kl
 
 
-def _chunk(h: torch.Tensor, head: nn.Module, targets: torch.Tensor, teacher: TeacherTargets | None,
+def _chunk(h: torch.Tensor, head: nn.Module, targets: torch.Tensor, teacher: TopKDistribution | None,
            temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     logits = head(h).float()  # (B, t, V)
     nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none").sum(1)
     if teacher is None:
         return nll, logits.new_zeros(())
-    return nll, kl_terms(logits, teacher, temperature)[targets != IGNORE].sum()
+    return nll, top_k_kl(logits, teacher, temperature)[targets != IGNORE].sum()

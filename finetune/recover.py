@@ -41,7 +41,8 @@ from finetune.data import IGNORE, Domain
 from finetune.distill import DenseReference
 from finetune.dynamic import DomainSampler
 from finetune.evaluate import EvalData, Evaluation, evaluate, validation_loss
-from finetune.losses import TeacherTargets, next_token_losses
+from finetune.losses import next_token_losses
+from pruning.topk import TopKDistribution
 
 
 class RecoveryConfigError(ValueError):
@@ -264,7 +265,7 @@ class _Trainer:
         teacher = self._teacher(picks, width) if self.config.distill_weight > 0 else None
         return batch, teacher, [d for d, _ in picks]
 
-    def _teacher(self, picks: list[tuple[int, int]], width: int) -> TeacherTargets:
+    def _teacher(self, picks: list[tuple[int, int]], width: int) -> TopKDistribution:
         """Teacher targets of the picked rows, right-padded to `width - 1` next-token positions."""
         owners = [self.reference.targets[self.domains[d].name] for d, _ in picks]
 
@@ -272,7 +273,7 @@ class _Trainer:
             rows = [_pad(getattr(t, field)[r : r + 1], width - 1, 0) for t, (_, r) in zip(owners, picks, strict=True)]
             return torch.cat(rows).to(self.device)
 
-        return TeacherTargets(stack("logprobs"), stack("indices"), stack("rest"))
+        return TopKDistribution(stack("top_logp"), stack("top_ids"), stack("rest_logp"))
 
     def merge(self) -> PreTrainedModel:
         """Fold every B A into its W and remove the adapters."""

@@ -1,4 +1,4 @@
-"""What every accuracy predictor does around its regressor: clean the pairs, check the table, fit on log(metric).
+"""What every objective predictor does around its regressor: clean the pairs, check the table, fit on log(metric).
 
 A subclass implements two methods on plain arrays and the base class does the rest:
 

@@ -1,4 +1,4 @@
-"""The accuracy predictor: a Bayesian-bootstrap ensemble of small, monotone XGBoost regressors on log(metric).
+"""The objective predictor: a Bayesian-bootstrap ensemble of small, monotone XGBoost regressors on log(metric).
 
 Target. Perplexity of pruned candidates spans orders of magnitude and damage compounds
 multiplicatively across layers, so members regress y = log(perplexity); predictions are mapped
@@ -37,7 +37,7 @@ from predictor.base import Predictor, PredictorError
 from predictor.features import FEATURE_VERSION, direction
 
 PREDICTOR_VERSION = 1
-FORMAT = "prunesearch.accuracy_predictor"
+FORMAT = "prunesearch.accuracy_predictor"  # the saved id, from before the class was renamed: saved predictors carry it
 SIDECAR = "predictor.json"
 
 
@@ -62,8 +62,11 @@ class BoosterConfig:
             raise ValueError("min_child_weight and reg_lambda must be >= 0")
 
 
-class AccuracyPredictor(Predictor):
-    """`AccuracyPredictor(n_members=8, seed=0).fit(table, perplexities).predict(table) -> (mean, spread)`."""
+class ObjectivePredictor(Predictor):
+    """`ObjectivePredictor(n_members=8, seed=0).fit(table, losses).predict(table) -> (mean, spread)`.
+
+    The losses are the trial objective's, positive and lower-is-better (perplexity, KL, exp(-accuracy):
+    `search.trials.to_loss`)."""
 
     name = "xgboost"
 
@@ -120,7 +123,7 @@ class AccuracyPredictor(Predictor):
         return out
 
     @classmethod
-    def load(cls, directory: str | Path) -> AccuracyPredictor:
+    def load(cls, directory: str | Path) -> ObjectivePredictor:
         src = Path(directory)
         meta = _read_sidecar(src / SIDECAR)
         names = {f.name for f in fields(BoosterConfig)}
@@ -141,13 +144,13 @@ class AccuracyPredictor(Predictor):
 
 def _read_sidecar(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise PredictorError(f"{path} not found; give a directory written by AccuracyPredictor.save")
+        raise PredictorError(f"{path} not found; give a directory written by ObjectivePredictor.save")
     try:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise PredictorError(f"{path} is not valid JSON ({err})") from err
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise PredictorError(f"{path} is not an accuracy predictor sidecar (format {FORMAT!r} expected)")
+        raise PredictorError(f"{path} is not an objective predictor sidecar (format {FORMAT!r} expected)")
     for key, current in (("predictor_version", PREDICTOR_VERSION), ("feature_version", FEATURE_VERSION)):
         if meta.get(key) != current:
             raise PredictorError(

@@ -28,6 +28,7 @@ from transformers import PreTrainedModel
 
 from pruning import adapter
 from pruning.architecture import LayerShape, ModelSpec
+from pruning.files import replacing
 
 METHODS = ("wanda", "fluctuation", "taylor")
 CACHE_VERSION = 1
@@ -200,7 +201,6 @@ def load_or_compute(
                           tuple(arrays[f"channels.{i}"] for i in range(n)))
     importance = compute_importance(model, windows, method, batch_size)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file(importance.to_arrays(), str(tmp), metadata={"method": method, "base_model": spec.base_model})
-    tmp.replace(path)
+    with replacing(path) as tmp:
+        save_file(importance.to_arrays(), str(tmp), metadata={"method": method, "base_model": spec.base_model})
     return importance

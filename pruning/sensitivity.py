@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from pruning.architecture import Architecture, LayerShape, ModelSpec
+from pruning.files import write_atomic
 from pruning.importance import Importance, cache_key
 from pruning.masking import masked
 from pruning.metrics import next_token_logprobs, window_losses
@@ -220,6 +221,8 @@ def measure_sensitivity(
     spec = importance.spec
     path = _cache_path(model, importance, windows, grid, losses, cache_dir, base, reach)
     done = json.loads(path.read_text()) if path is not None and path.exists() else {}
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
     reference = next_token_logprobs(model, windows, batch_size) if "kl" in losses else None
     if base is None:
         before = window_losses(model, windows, batch_size, reference)
@@ -237,7 +240,7 @@ def measure_sensitivity(
             got = window_losses(model, windows, batch_size, reference)
         done[key] = {loss: (got[loss] - before[loss]).tolist() for loss in losses}
         if path is not None:
-            _write_atomic(path, json.dumps(done))
+            write_atomic(path, json.dumps(done))
     return _table(spec, grid, losses, done, base, len(windows), reach, far)
 
 
@@ -280,10 +283,3 @@ def _cache_path(model, importance, windows, grid, losses, cache_dir, base, reach
     h = hashlib.sha256(json.dumps([CACHE_VERSION, grid.attention, grid.ffn, sorted(losses), *around]).encode())
     h.update((cache_key(model, windows, importance.method) + importance.digest()).encode())
     return Path(cache_dir) / f"sensitivity-{h.hexdigest()[:20]}.json"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

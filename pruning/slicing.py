@@ -59,7 +59,7 @@ def slice_model(model: PreTrainedModel, arch: Architecture, importance: Importan
 
     With `means` (from `compensation.input_means` on the dense model), o_proj and down_proj
     get FLAP's bias compensation for what they lose; stock configs do not describe such
-    biases, so this is for evaluation and comparison, not for `finetune.export`.
+    biases, so this is for evaluation and comparison, not for `finetune.hf_writer`.
     """
     spec = arch.spec
     for i, layer in enumerate(adapter.decoder_layers(model)):

@@ -24,6 +24,7 @@ import optuna
 
 from finetune.card import ModelCard
 from finetune.data import (
+    HELD_OUT_SHARE,
     TaskFormat,
     encode_tasks,
     pad_id,
@@ -45,7 +46,7 @@ from pruning.slicing import slice_model
 from search import formats
 from search.config import RunConfig, RunLayout
 from search.objectives import task_max_len
-from search.objectives.task import HELD_OUT_SHARE, search_split
+from search.objectives.task import search_split
 from search.setup import USER_ERRORS, Setup, prepare
 from search.trials import trial_architecture
 

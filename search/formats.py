@@ -1,7 +1,7 @@
 """The formats a run exports the recovered model in (`--format`), by name: how each is checked and written.
 
     hf      a transformers directory (the plain class when every layer keeps one shape, per-layer remote code
-            otherwise): `finetune.export.export_model`, with the model card
+            otherwise): `finetune.hf_writer.export_model`, with the model card
     gguf    one llama.cpp file of `--gguf-type`: `finetune.gguf.export_gguf`
 
 Adding one is a `write` (and, where it can refuse a model, a `check`) plus one `register_export_format` line.
@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune.export import export_model
 from finetune.gguf import GGUF_TYPES, block_size, check_export, export_gguf
+from finetune.hf_writer import export_model
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import optuna
@@ -13,6 +12,7 @@ import plotly.graph_objects as go
 from scipy.stats import kendalltau
 
 from pruning.architecture import Architecture, format_count
+from pruning.files import write_atomic as write_atomic  # search.run imports it from here, for now
 from search.export import RecoveryRecord
 from search.trials import completed, measurements, trial_architecture
 
@@ -211,9 +211,3 @@ def _best_so_far(study: optuna.Study) -> go.Figure:
     )
     fig.update_layout(title=f"{name} by trial", xaxis_title="trial", yaxis_title=name)
     return fig
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

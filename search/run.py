@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from predictor.features import FeatureBuilder
-from predictor.model import AccuracyPredictor
+from predictor.model import ObjectivePredictor
 from pruning.architecture import Architecture, format_count
 from pruning.data import evenly_spaced
 from pruning.importance import Importance, load_or_compute
@@ -36,7 +36,6 @@ from search import objectives, samplers
 from search.config import PREDICTOR_TARGETS, RunConfig, RunLayout
 from search.export import add_format_arguments, add_reconstruction_arguments, add_recovery_arguments, recover_and_export
 from search.knapsack import knapsack
-from search.objective import TrialObjective
 from search.objectives import objective_class
 from search.plan import check_fits, make_plan
 from search.record import StudyRecord, TablesCost
@@ -53,6 +52,7 @@ from search.study import (
     open_study,
     retry_dead_workers,
 )
+from search.trial_objective import TrialObjective
 from search.trials import best_trial, measured, trial_architecture
 
 
@@ -325,7 +325,7 @@ def finish(study: optuna.Study, setup: Setup, importance: Importance, sensitivit
         # the features the search's own predictor learned from (its table: the local one when measured)
         builder = study.sampler.features if isinstance(study.sampler, PredictorSampler) else FeatureBuilder(importance)
         features = builder.table(archs)
-        AccuracyPredictor(seed=c.seed).fit(features, values).save(layout.predictor)
+        ObjectivePredictor(seed=c.seed).fit(features, values).save(layout.predictor)
     table_cost = tables_cost(study)
     complete = count_trials(study, TrialState.COMPLETE)
     failed = sum(t.state == TrialState.FAIL and is_measurement(t) for t in study.trials)

@@ -16,7 +16,7 @@ Each `ask` (Optuna's relative sampling) does:
             (with a local table) and then tilted knapsacks; without one, uniform, importance-threshold,
             then random allocations whose attention/FFN splits are stratified over [0, 1], so the
             startup pairs span the main trade-off whatever the seed
-    guided: fit the accuracy predictor on the finished trials -> generate a pool of candidates
+    guided: fit the objective predictor on the finished trials -> generate a pool of candidates
             (mutations and swaps of the best, crossovers of good pairs, fresh random ones, and with a
             table the tilted, corrected and local knapsacks) -> score each by the lower confidence bound
             mean - exploration * spread  (the metric is minimised) -> propose the best one that no
@@ -41,7 +41,7 @@ from optuna.trial import FrozenTrial
 from sklearn.linear_model import RidgeCV
 
 from predictor.features import FeatureBuilder
-from predictor.model import AccuracyPredictor
+from predictor.model import ObjectivePredictor
 from pruning.architecture import Architecture
 from pruning.importance import Importance
 from pruning.sensitivity import SensitivityTable
@@ -187,7 +187,7 @@ class PredictorSampler(BaseSampler):
         self, archs: list[Architecture], values: np.ndarray, pool: list[Architecture]
     ) -> tuple[np.ndarray, np.ndarray]:
         """(mean (P,), spread (P,)) of the metric for each pool candidate, learned from the measured pairs."""
-        predictor = AccuracyPredictor(n_members=self.n_members, seed=self.seed).fit(self.features.table(archs), values)
+        predictor = ObjectivePredictor(n_members=self.n_members, seed=self.seed).fit(self.features.table(archs), values)
         return predictor.predict(self.features.table(pool))
 
     def _pool(self, archs: Sequence[Architecture], values: np.ndarray, rng: np.random.Generator) -> list[Architecture]:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from finetune.data import TaskDataError, TaskFormat, read_task_jsonl
+from finetune.data import TaskDataError, TaskFormat, read_task_split
 from finetune.gguf import GGUFExportError
 from pruning import adapter
 from pruning.architecture import Architecture, ArchitectureError
@@ -116,9 +116,10 @@ def prepare(config: RunConfig) -> Setup:
     calibration_text, evaluation_text = read_text(config.calibration, "train"), read_text(config.evaluation, "test")
     for _, path in config.domain_sources():
         read_text(path, "train")
-    if config.task:
-        read_task_jsonl(config.task, TaskFormat(config.task_template, answer_prefix=config.task_answer_prefix))
-    checked = objectives.check(config)
+    checked = objectives.check(config)  # first: a --task the objective cannot score is named so, not as too small
+    if config.task:  # read and split as the objective, recovery and the summaries will
+        read_task_split(config.task, TaskFormat(config.task_template, answer_prefix=config.task_answer_prefix),
+                        config.seed)
     if config.storage:
         open_storage(config.storage)
     tokenizer = adapter.load_tokenizer(config.model)
@@ -142,5 +143,3 @@ def prepare(config: RunConfig) -> Setup:
                   source)
     setup.objective("search")  # refuses now what the objective cannot measure (e.g. too few lm-eval documents)
     return setup
-
-

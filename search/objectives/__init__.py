@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from search.objectives.base import Objective, ObjectiveError, Score
 from search.objectives.harness import LMEval, Suite
-from search.objectives.kl import KL, Teacher
+from search.objectives.kl import KL
 from search.objectives.perplexity import Perplexity
 from search.objectives.registry import REGISTRY, config_problems, kind, objective_class, register_objective
 from search.objectives.task import TaskAccuracy, task_max_len
@@ -31,7 +31,7 @@ register_objective(name="lm-eval", objective_cls=LMEval)
 SPLITS = ("search", "held_out")
 
 __all__ = ["KL", "LMEval", "Objective", "ObjectiveError", "Perplexity", "REGISTRY", "Score", "Suite", "TaskAccuracy",
-           "Teacher", "build", "check", "config_problems", "kind", "objective_class", "register_objective",
+           "build", "check", "config_problems", "kind", "objective_class", "register_objective",
            "study_settings", "task_max_len"]
 
 

@@ -12,28 +12,29 @@ companion (`--predictor-target margin` lets the predictor learn from it).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
-from finetune.data import EncodedTask, TaskExample, TaskFormat, encode_tasks, read_task_jsonl, split_examples
+from finetune.data import EncodedTask, TaskExample, TaskFormat, encode_tasks, read_task_split
 from finetune.evaluate import task_scores
 from search.objectives.base import Objective, ObjectiveError, Score
-
-HELD_OUT_SHARE = 0.2
 
 
 def read_task(path: str, template: str, answer_prefix: str, seed: int,
               need_options: bool) -> tuple[tuple[TaskExample, ...], tuple[TaskExample, ...]]:
     """(training examples, held-out examples) of a task JSONL; with `need_options`, every example must have
     at least two options (multiple choice), else ObjectiveError naming the first that has not."""
-    examples = read_task_jsonl(path, TaskFormat(template, answer_prefix=answer_prefix))
-    if need_options:
-        for i, ex in enumerate(examples):
-            if len(ex.options) < 2:
-                raise ObjectiveError(f"{path}: example {i + 1} has {len(ex.options)} options; the task objective "
-                                     "scores options by log-likelihood, so give every row an \"options\" list of "
-                                     "two or more with the answer among them (or use --objective perplexity)")
-    return split_examples(examples, held_out=HELD_OUT_SHARE, seed=seed)
+    check = partial(_multiple_choice, path) if need_options else None
+    return read_task_split(path, TaskFormat(template, answer_prefix=answer_prefix), seed, check=check)
+
+
+def _multiple_choice(path: str, examples: tuple[TaskExample, ...]) -> None:
+    for i, ex in enumerate(examples):
+        if len(ex.options) < 2:
+            raise ObjectiveError(f"{path}: example {i + 1} has {len(ex.options)} options; the task objective "
+                                 "scores options by log-likelihood, so give every row an \"options\" list of "
+                                 "two or more with the answer among them (or use --objective perplexity)")
 
 
 def task_max_len(config, model) -> int:

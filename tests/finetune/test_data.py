@@ -16,6 +16,7 @@ from finetune.data import (
     encode_tasks,
     lm_domain,
     read_task_jsonl,
+    read_task_split,
     shot_indices,
     split_examples,
     task_domain,
@@ -140,3 +141,22 @@ def test_split_is_seeded_disjoint_and_complete():
     assert split_examples(many, 0.3, seed=2) != (train, held)
     with pytest.raises(TaskDataError, match="too few"):
         split_examples(many[:1], 0.5)
+
+
+def test_read_task_split_is_the_read_then_the_seeded_split_and_checks_before_splitting(tmp_path):
+    path = tmp_path / "task.jsonl"
+    path.write_text("\n".join(json.dumps({"q": str(i), "answer": "a"}) for i in range(10)) + "\n")
+    assert read_task_split(path, FMT, seed=3) == split_examples(read_task_jsonl(path, FMT), 0.2, seed=3)
+    assert tuple(map(len, read_task_split(path, FMT, seed=3))) == (8, 2)
+    seen = []
+    read_task_split(path, FMT, seed=3, check=seen.append)
+    assert seen == [read_task_jsonl(path, FMT)]  # every example, in file order
+    path.write_text(json.dumps({"q": "1", "answer": "a"}) + "\n")
+
+    def refuse(examples):
+        raise TaskDataError(f"checked {len(examples)}")
+
+    with pytest.raises(TaskDataError, match="checked 1"):  # the caller's check, not the too-small split, speaks
+        read_task_split(path, FMT, check=refuse)
+    with pytest.raises(TaskDataError, match="too few"):
+        read_task_split(path, FMT)

@@ -11,21 +11,17 @@ import torch.nn.functional as F
 from finetune import losses
 from finetune.data import lm_domain
 from finetune.distill import dense_reference
-from finetune.losses import TeacherTargets, bucket_logprobs, distill_loss, next_token_losses
+from finetune.losses import distill_loss, next_token_losses
 from pruning.metrics import perplexity
+from pruning.topk import TopKDistribution
 from tests.finetune.conftest import char_model
-
-
-def targets_from(logits: torch.Tensor, k: int, temperature: float) -> TeacherTargets:
-    indices = logits.topk(k, dim=-1).indices
-    top, rest = bucket_logprobs(logits, indices, temperature)
-    return TeacherTargets(top, indices, rest)
 
 
 def test_kl_is_zero_when_student_is_the_teacher():
     logits = torch.randn(2, 5, 30, generator=torch.Generator().manual_seed(0)) * 3
     mask = torch.ones(2, 5, dtype=torch.bool)
-    assert distill_loss(logits, targets_from(logits, 4, 2.0), mask, 2.0).item() == pytest.approx(0.0, abs=1e-6)
+    teacher = TopKDistribution.of_logits(logits, 4, 2.0)
+    assert distill_loss(logits, teacher, mask, 2.0).item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_kl_with_every_token_in_the_top_k_is_the_full_kl():
@@ -35,19 +31,20 @@ def test_kl_with_every_token_in_the_top_k_is_the_full_kl():
     tau = 1.5
     full = F.kl_div((student / tau).log_softmax(-1), (teacher / tau).log_softmax(-1), log_target=True,
                     reduction="none").sum(-1).mean() * tau**2
-    got = distill_loss(student, targets_from(teacher, 30, tau), mask, tau)
+    got = distill_loss(student, TopKDistribution.of_logits(teacher, 30, tau), mask, tau)
     torch.testing.assert_close(got, full, atol=1e-5, rtol=0)
 
 
 def test_bucketed_kl_is_positive_below_the_full_kl_and_respects_the_mask():
     g = torch.Generator().manual_seed(2)
     teacher, student = torch.randn(1, 4, 30, generator=g), torch.randn(1, 4, 30, generator=g)
-    full = distill_loss(student, targets_from(teacher, 30, 1.0), torch.ones(1, 4, dtype=torch.bool), 1.0)
-    top4 = distill_loss(student, targets_from(teacher, 4, 1.0), torch.ones(1, 4, dtype=torch.bool), 1.0)
+    full = distill_loss(student, TopKDistribution.of_logits(teacher, 30, 1.0), torch.ones(1, 4, dtype=torch.bool), 1.0)
+    top4 = distill_loss(student, TopKDistribution.of_logits(teacher, 4, 1.0), torch.ones(1, 4, dtype=torch.bool), 1.0)
     assert 0 < top4.item() < full.item()
     first = torch.tensor([[True, False, False, False]])
-    only_first = distill_loss(student[:, :1], targets_from(teacher[:, :1], 4, 1.0), first[:, :1], 1.0)
-    torch.testing.assert_close(distill_loss(student, targets_from(teacher, 4, 1.0), first, 1.0), only_first)
+    only_first = distill_loss(student[:, :1], TopKDistribution.of_logits(teacher[:, :1], 4, 1.0), first[:, :1], 1.0)
+    top4_first = distill_loss(student, TopKDistribution.of_logits(teacher, 4, 1.0), first, 1.0)
+    torch.testing.assert_close(top4_first, only_first)
 
 
 def test_dense_reference_loss_is_log_perplexity_and_targets_have_their_shapes(windows):
@@ -58,8 +55,8 @@ def test_dense_reference_loss_is_log_perplexity_and_targets_have_their_shapes(wi
     assert ref.losses["a"] == pytest.approx(math.log(perplexity(model, windows[:4])), abs=1e-5)
     assert ref.losses["b"] == pytest.approx(math.log(perplexity(model, windows[4:])), abs=1e-5)
     t = ref.targets["a"]
-    assert t.logprobs.shape == (4, 15, 5) and t.indices.shape == (4, 15, 5) and t.rest.shape == (4, 15)
-    total = torch.cat([t.logprobs, t.rest[..., None]], dim=-1).logsumexp(-1)
+    assert t.top_logp.shape == (4, 15, 5) and t.top_ids.shape == (4, 15, 5) and t.rest_logp.shape == (4, 15)
+    total = torch.cat([t.top_logp, t.rest_logp[..., None]], dim=-1).logsumexp(-1)
     torch.testing.assert_close(total, torch.zeros_like(total), atol=1e-5, rtol=0)
     assert dense_reference(model, [lm_domain("a", windows)]).targets == {}
     with pytest.raises(ValueError, match="top_k must be in"):
@@ -73,7 +70,7 @@ def test_chunked_losses_and_gradients_equal_the_whole_logits_computation(monkeyp
     hidden = torch.randn(2, 9, 6, generator=g, requires_grad=True)
     labels = torch.randint(0, 30, (2, 9), generator=g)
     labels[0, :4] = -100
-    teacher = targets_from(torch.randn(2, 8, 30, generator=g), 5, 2.0) if with_teacher else None
+    teacher = TopKDistribution.of_logits(torch.randn(2, 8, 30, generator=g), 5, 2.0) if with_teacher else None
     results = []
     for chunk_bytes in (losses.LOGITS_CHUNK_BYTES, 4 * 2 * 30 * 3):  # one chunk; chunks of 3 positions
         monkeypatch.setattr(losses, "LOGITS_CHUNK_BYTES", chunk_bytes)

@@ -8,11 +8,11 @@ import pytest
 
 from predictor.base import PredictorError
 from predictor.baselines import ForestBaseline, MassProxy, RidgeBaseline
-from predictor.model import AccuracyPredictor, BoosterConfig
+from predictor.model import BoosterConfig, ObjectivePredictor
 from tests.predictor.conftest import known_metric
 
 FACTORIES = {
-    "xgboost": lambda: AccuracyPredictor(n_members=3, seed=0, config=BoosterConfig(n_estimators=60)),
+    "xgboost": lambda: ObjectivePredictor(n_members=3, seed=0, config=BoosterConfig(n_estimators=60)),
     "proxy": MassProxy,
     "ridge": RidgeBaseline,
     "forest": lambda: ForestBaseline(n_estimators=50),

@@ -6,7 +6,7 @@ import pytest
 
 from predictor.base import PredictorError
 from predictor.features import FeatureBuilder
-from predictor.model import PREDICTOR_VERSION, SIDECAR, AccuracyPredictor, BoosterConfig
+from predictor.model import PREDICTOR_VERSION, SIDECAR, BoosterConfig, ObjectivePredictor
 from pruning.architecture import Architecture, LayerShape
 from pruning.importance import Importance
 from tests.predictor.conftest import known_metric, random_architecture
@@ -15,7 +15,7 @@ from tests.predictor.conftest import known_metric, random_architecture
 @pytest.fixture(scope="module")
 def fitted(table):
     y = known_metric(table) * np.exp(np.random.default_rng(3).normal(0, 0.2, len(table)))  # noisy: not monotone
-    return AccuracyPredictor(n_members=4, seed=0).fit(table, y)
+    return ObjectivePredictor(n_members=4, seed=0).fit(table, y)
 
 
 def grown(arch: Architecture, rng: np.random.Generator) -> Architecture:
@@ -46,7 +46,7 @@ def test_keeping_more_never_predicts_a_worse_metric(fitted, builder, importance)
 
 def test_save_load_round_trip_predicts_identically(fitted, table, tmp_path):
     fitted.save(tmp_path / "p")
-    loaded = AccuracyPredictor.load(tmp_path / "p")
+    loaded = ObjectivePredictor.load(tmp_path / "p")
     for a, b in zip(fitted.predict(table), loaded.predict(table), strict=True):
         assert np.array_equal(a, b)
     meta = json.loads((tmp_path / "p" / SIDECAR).read_text())
@@ -62,20 +62,20 @@ def test_incompatible_saved_version_is_refused(fitted, tmp_path, key):
     meta[key] += 1
     path.write_text(json.dumps(meta))
     with pytest.raises(PredictorError, match=f"saved with {key} {meta[key]}, this code reads .*refit"):
-        AccuracyPredictor.load(tmp_path / "p")
+        ObjectivePredictor.load(tmp_path / "p")
 
 
 def test_missing_or_foreign_files_are_refused(fitted, tmp_path):
-    with pytest.raises(PredictorError, match="not found; give a directory written by AccuracyPredictor.save"):
-        AccuracyPredictor.load(tmp_path / "nothing")
+    with pytest.raises(PredictorError, match="not found; give a directory written by ObjectivePredictor.save"):
+        ObjectivePredictor.load(tmp_path / "nothing")
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / SIDECAR).write_text('{"format": "something else"}')
-    with pytest.raises(PredictorError, match="not an accuracy predictor sidecar"):
-        AccuracyPredictor.load(tmp_path / "x")
+    with pytest.raises(PredictorError, match="not an objective predictor sidecar"):
+        ObjectivePredictor.load(tmp_path / "x")
     fitted.save(tmp_path / "p")
     (tmp_path / "p" / "member_1.ubj").write_bytes(b"not a model")
     with pytest.raises(PredictorError, match="cannot read member"):
-        AccuracyPredictor.load(tmp_path / "p")
+        ObjectivePredictor.load(tmp_path / "p")
     assert PREDICTOR_VERSION == 1
 
 
@@ -84,21 +84,21 @@ def test_loaded_predictor_refuses_another_base_model(fitted, importance, tmp_pat
     spec = dataclasses.replace(importance.spec, base_model="another-model")
     other = FeatureBuilder(Importance(spec, "wanda", importance.heads, importance.channels))
     with pytest.raises(PredictorError, match="base_model: fitted on 'tiny-llama', table has 'another-model'"):
-        AccuracyPredictor.load(tmp_path / "p").predict(other.table([Architecture.full(spec)]))
+        ObjectivePredictor.load(tmp_path / "p").predict(other.table([Architecture.full(spec)]))
 
 
 def test_seed_fixes_the_ensemble(table):
     y = known_metric(table)
     small = BoosterConfig(n_estimators=50)
-    a = AccuracyPredictor(n_members=3, seed=1, config=small).fit(table, y).predict(table)
-    b = AccuracyPredictor(n_members=3, seed=1, config=small).fit(table, y).predict(table)
-    c = AccuracyPredictor(n_members=3, seed=2, config=small).fit(table, y).predict(table)
+    a = ObjectivePredictor(n_members=3, seed=1, config=small).fit(table, y).predict(table)
+    b = ObjectivePredictor(n_members=3, seed=1, config=small).fit(table, y).predict(table)
+    c = ObjectivePredictor(n_members=3, seed=2, config=small).fit(table, y).predict(table)
     assert np.array_equal(a[1], b[1]) and not np.array_equal(a[1], c[1])
     assert (a[1] > 0).any()  # members disagree somewhere
 
 
 def test_bad_settings_say_what_to_change():
     with pytest.raises(ValueError, match="n_members must be >= 1"):
-        AccuracyPredictor(n_members=0)
+        ObjectivePredictor(n_members=0)
     with pytest.raises(ValueError, match="learning_rate and colsample_bynode must lie in"):
         BoosterConfig(learning_rate=0)

@@ -5,7 +5,7 @@ import pytest
 
 from predictor.base import PredictorError
 from predictor.baselines import MassProxy, RidgeBaseline
-from predictor.model import AccuracyPredictor
+from predictor.model import ObjectivePredictor
 from predictor.validate import RankReport, cross_validate, evaluate_holdout, rank_report, to_frame
 from tests.predictor.conftest import known_metric
 
@@ -29,7 +29,7 @@ def test_mass_proxy_ranks_a_mass_driven_metric_perfectly(table):
 
 
 def test_xgboost_recovers_a_known_ranking(table):
-    r = cross_validate(AccuracyPredictor, table, known_metric(table), folds=4, n_jobs=2)
+    r = cross_validate(ObjectivePredictor, table, known_metric(table), folds=4, n_jobs=2)
     assert r.predictor == "xgboost"
     assert r.kendall > 0.85 and r.spearman > 0.95 and r.top_k_recall == 1.0
     assert r.mape < 0.1

@@ -15,11 +15,11 @@ import tests.search.toy_objective  # noqa: F401 (registers the toy objective)
 from pruning.importance import load_or_compute
 from search import objectives, run
 from search.config import RunConfig
-from search.objective import TrialObjective
 from search.objectives import REGISTRY, Objective, register_objective
 from search.record import StudyRecord
 from search.report import RunSummary
 from search.setup import prepare
+from search.trial_objective import TrialObjective
 from search.trials import DIRECTIONS, measurements, to_loss
 from tests.search.test_run import args, load
 from tests.search.test_task_objectives import ROWS, write_lm_eval_task

@@ -5,8 +5,8 @@ import torch
 
 from pruning.metrics import perplexity
 from search.config import ConfigError, RunConfig
-from search.objectives import KL, REGISTRY, ObjectiveError, Perplexity, Score, Teacher, kind, objective_class
-from search.objectives.kl import top_k_kl
+from search.objectives import KL, REGISTRY, ObjectiveError, Perplexity, Score, kind, objective_class
+from search.objectives.kl import dense_top_k, kl_per_position
 from tests.conftest import tiny_model
 
 
@@ -36,17 +36,18 @@ def merged_tail_kl(dense, other, windows, k) -> torch.Tensor:
 
 def test_kl_with_the_whole_vocabulary_is_the_exact_kl(models, windows):
     dense, other = models
-    teacher = Teacher.compute(dense, windows, top_k=97, batch_size=4)
+    teacher = dense_top_k(dense, windows, top_k=97, batch_size=4)
     expected = direct_kl(dense, other, windows)
-    torch.testing.assert_close(top_k_kl(other, teacher, batch_size=4), expected.double(), atol=1e-5, rtol=1e-4)
-    assert KL(teacher, 4)(other).value == pytest.approx(expected.mean().item(), rel=1e-4)
+    got = kl_per_position(other, windows, teacher, batch_size=4)
+    torch.testing.assert_close(got, expected.double(), atol=1e-5, rtol=1e-4)
+    assert KL(windows, teacher, 4)(other).value == pytest.approx(expected.mean().item(), rel=1e-4)
 
 
 def test_top_k_kl_merges_the_tail_and_is_a_lower_bound(models, windows):
     dense, other = models
-    teacher = Teacher.compute(dense, windows, top_k=5, batch_size=4)
-    assert teacher.top_logp.shape == teacher.top_ids.shape == (6, 15, 5)
-    got = top_k_kl(other, teacher, batch_size=4)
+    teacher = dense_top_k(dense, windows, top_k=5, batch_size=4)
+    assert teacher.top_logp.shape == teacher.top_ids.shape == (6, 15, 5) and teacher.rest_logp.shape == (6, 15)
+    got = kl_per_position(other, windows, teacher, batch_size=4)
     torch.testing.assert_close(got, merged_tail_kl(dense, other, windows, 5), atol=1e-5, rtol=1e-4)
     assert (got <= direct_kl(dense, other, windows).double() + 1e-6).all()
     assert got.mean() > 0
@@ -54,7 +55,7 @@ def test_top_k_kl_merges_the_tail_and_is_a_lower_bound(models, windows):
 
 def test_kl_of_the_dense_model_to_itself_is_zero(models, windows):
     dense, _ = models
-    assert KL(Teacher.compute(dense, windows, top_k=64), 8)(dense).value == pytest.approx(0.0, abs=1e-6)
+    assert KL(windows, dense_top_k(dense, windows, top_k=64), 8)(dense).value == pytest.approx(0.0, abs=1e-6)
 
 
 def test_perplexity_objective_is_the_perplexity(models, windows):

@@ -9,8 +9,8 @@ from optuna.trial import TrialState
 
 from pruning.architecture import Architecture
 from search import run
-from search.objective import TrialObjective
 from search.sampler import ARCH_ATTR
+from search.trial_objective import TrialObjective
 
 
 def args(root, out, *extra):

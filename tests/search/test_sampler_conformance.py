@@ -20,9 +20,9 @@ from pruning.architecture import Architecture, LayerShape, ModelSpec
 from pruning.importance import Importance
 from pruning.sensitivity import Grid, SensitivityTable
 from search.knapsack import knapsack
-from search.objective import propose
 from search.sampler import ARCH_ATTR, AdditiveSampler, PredictorSampler, trial_architecture
 from search.space import SearchSpace
+from search.trial_objective import propose
 
 pytestmark = pytest.mark.slow  # about 2 minutes: each sampler runs real Optuna studies with its full machinery
 

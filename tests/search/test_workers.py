@@ -20,10 +20,10 @@ from optuna.trial import TrialState
 
 from pruning.architecture import ModelSpec
 from search import run
-from search.objective import WORKER
 from search.sampler import ARCH_ATTR
 from search.space import SearchSpace
 from search.study import open_storage, retry_dead_workers
+from search.trial_objective import WORKER
 from tests.conftest import service_unavailable
 from tests.search.test_run import args
 

@@ -18,13 +18,12 @@ The export model is built on the meta device and takes the live tensors with
 `load_state_dict(strict=True, assign=True)`: no weight is copied, and any shape
 the exported modelling code would rebuild differently fails here, before the
 directory exists. Everything is written into a temporary sibling directory that
-is renamed into place at the end, so an interrupted export leaves nothing behind.
+is renamed into place at the end (`pruning.files.replacing_directory`), so an
+interrupted export leaves nothing behind.
 """
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -35,6 +34,7 @@ from finetune import card as model_card
 from finetune.card import ModelCard
 from pruning.adapter import FAMILIES
 from pruning.architecture import Architecture
+from pruning.files import replacing_directory
 
 # Keys of a saved config that describe the saved class, not the model.
 _CLASS_KEYS = ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path")
@@ -101,27 +101,9 @@ def export_model(model: PreTrainedModel, arch: Architecture, tokenizer, out_dir:
         raise FileExistsError(f"{out} already exists; choose another directory or pass force=True (--force)")
     target = _export_model(model, arch)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with replacing_directory(out) as tmp:
         target.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         remote = (tmp / "modeling_pruned.py").exists()
         (tmp / "README.md").write_text(model_card.render(arch, card, remote_code=remote), encoding="utf-8")
-        _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Move `tmp` to `out`, removing what was at `out` (only reached with force)."""
-    if out.is_dir():
-        old = tmp.with_suffix(".old")
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old)
-    else:
-        if out.exists():
-            out.unlink()
-        tmp.rename(out)

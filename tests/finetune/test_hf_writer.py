@@ -11,9 +11,9 @@ import textwrap
 import pytest
 import torch
 
-from finetune import export as export_module
+from finetune import hf_writer
 from finetune.card import ModelCard
-from finetune.export import export_model, is_uniform
+from finetune.hf_writer import export_model, is_uniform
 from pruning import adapter
 from pruning.architecture import Architecture, LayerShape
 from pruning.importance import compute_importance
@@ -217,7 +217,7 @@ def test_failure_midway_leaves_nothing_behind(tmp_path, monkeypatch):
     def broken_card(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(export_module.model_card, "render", broken_card)
+    monkeypatch.setattr(hf_writer.model_card, "render", broken_card)
     with pytest.raises(OSError, match="disk full"):
         export_model(model, arch, char_tokenizer(), tmp_path / "model", CARD)
     assert list(tmp_path.iterdir()) == []
@@ -226,7 +226,7 @@ def test_failure_midway_leaves_nothing_behind(tmp_path, monkeypatch):
 def test_model_not_sliced_to_its_architecture_is_refused(tmp_path):
     model = char_model("llama")
     arch = Architecture(adapter.model_spec(model), MIXED)
-    with pytest.raises(export_module.ExportError, match="was it sliced"):
+    with pytest.raises(hf_writer.ExportError, match="was it sliced"):
         export_model(model, arch, char_tokenizer(), tmp_path / "model", CARD)
     assert list(tmp_path.iterdir()) == []
 
