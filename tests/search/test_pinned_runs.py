@@ -74,7 +74,7 @@ def test_run_matches_its_pinned_figures(name, tmp_path):
     # Another CPU (AVX-512 vs AVX2 kernels) rounds float32 sums differently, ~1e-7 relative. Every decision stays
     # exact and every float within REL, except where the predictor ranks candidates: a near-tie between two
     # proposals can go either way there, and from that trial on only the count and states are comparable.
-    cut = next((i for i, (g, e) in enumerate(zip(got["trials"], expected["trials"]))
+    cut = next((i for i, (g, e) in enumerate(zip(got["trials"], expected["trials"], strict=False))
                 if e["system_attrs"].get("phase") == "guided" and g["params"] != e["params"]), None)
     assert_same(got["trials"][:cut], expected["trials"][:cut], "trials")
     assert [t["state"] for t in got["trials"]] == [t["state"] for t in expected["trials"]]
@@ -96,7 +96,7 @@ def assert_same(got, expected, where: str) -> None:
             assert_same(got[key], expected[key], f"{where}.{key}")
     elif isinstance(expected, list) and isinstance(got, list):
         assert len(got) == len(expected), where
-        for i, (g, e) in enumerate(zip(got, expected)):
+        for i, (g, e) in enumerate(zip(got, expected, strict=True)):
             assert_same(g, e, f"{where}[{i}]")
     else:
         assert got == expected, where
