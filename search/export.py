@@ -24,12 +24,10 @@ import optuna
 
 from finetune.card import ModelCard
 from finetune.data import (
-    HELD_OUT_SHARE,
     TaskFormat,
     encode_tasks,
     pad_id,
-    read_task_jsonl,
-    split_examples,
+    read_task_split,
     task_domain,
     text_domain,
 )
@@ -166,8 +164,8 @@ def _tasks(config: RunConfig, tokenizer, model):
     search examples (those the task objective measures trials on) and tunes on the other training examples."""
     if not config.task:
         return (), (), ()
-    examples = read_task_jsonl(config.task, TaskFormat(config.task_template, answer_prefix=config.task_answer_prefix))
-    train, held = split_examples(examples, held_out=HELD_OUT_SHARE, seed=config.seed)
+    fmt = TaskFormat(config.task_template, answer_prefix=config.task_answer_prefix)
+    train, held = read_task_split(config.task, fmt, config.seed)
     search, tune = search_split(train, config.task_search_examples)
     encode = dict(max_len=task_max_len(config, model), shots=config.shots, seed=config.seed)
     scored = all(len(ex.options) >= 2 for ex in search)  # a generation task (no options) validates on perplexity
