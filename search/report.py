@@ -12,7 +12,6 @@ import plotly.graph_objects as go
 from scipy.stats import kendalltau
 
 from pruning.architecture import Architecture, format_count
-from pruning.files import write_atomic as write_atomic  # search.run imports it from here, for now
 from search.export import RecoveryRecord
 from search.trials import completed, measurements, trial_architecture
 

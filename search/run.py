@@ -28,6 +28,7 @@ from predictor.features import FeatureBuilder
 from predictor.model import ObjectivePredictor
 from pruning.architecture import Architecture, format_count
 from pruning.data import evenly_spaced
+from pruning.files import write_atomic
 from pruning.importance import Importance, load_or_compute
 from pruning.masking import masked
 from pruning.metrics import perplexity
@@ -39,7 +40,7 @@ from search.knapsack import knapsack
 from search.objectives import objective_class
 from search.plan import check_fits, make_plan
 from search.record import StudyRecord, TablesCost
-from search.report import RunSummary, own_kendall, publish, write_atomic
+from search.report import RunSummary, own_kendall, publish
 from search.sampler import PredictorSampler
 from search.samplers import SamplerInputs
 from search.setup import FINAL_EVAL_WINDOWS, USER_ERRORS, Setup, prepare, resolve_device
