@@ -79,7 +79,7 @@ def test_run_matches_its_pinned_figures(name, tmp_path):
     assert_same(got["trials"][:cut], expected["trials"][:cut], "trials")
     assert [t["state"] for t in got["trials"]] == [t["state"] for t in expected["trials"]]
     assert_same(got["study"], expected["study"], "study")
-    summary = dict(expected["summary"]) if cut is None else {
+    summary = expected["summary"] if cut is None else {
         k: v for k, v in expected["summary"].items() if k in CHOICE_FREE_SUMMARY}
     assert_same({k: got["summary"][k] for k in summary}, summary, "summary")
 
