@@ -72,7 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         default=[0.8, 0.5],
         help="also report uniform pruning's perplexity at these shares of parameters kept",
     )
-    args = p.parse_args(argv)
+    return run(p.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
 
     model = adapter.load_model(args.model, torch.device("cpu"))
@@ -105,16 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         "sliced model forward ÷ plain forward": timed(lambda: perplexity(sliced, evaluation, bs)) / t_plain,
     }
     size = model_bytes(model)
-    base_alloc = allocated_bytes(plain)
-    mask_bytes = sum(
-        m.numel() * m.element_size()
-        for i in range(spec.num_layers)
-        for m in unit_masks(arch, importance, i, torch.float32, torch.device("cpu"))
-        if m is not None
-    )
-    rows["masked extra memory ÷ model size"] = (max(allocated_bytes(masked_eval) - base_alloc, 0) + mask_bytes) / size
-    # a sliced copy holds at least the candidate's weights while it is evaluated
-    rows["copy+slice extra memory ÷ model size (lower bound)"] = model_bytes(sliced) / size
+    rows.update(memory_rows(model, arch, importance, sliced, plain, masked_eval))
 
     print(
         f"model {args.model}: {spec.num_layers} layers, {Architecture.full(spec).params():,} params "
@@ -137,6 +131,23 @@ def main(argv: list[str] | None = None) -> int:
         with masked(model, uniform, importance):
             print(f"| {1 - share:.0%} removed | {uniform.params():,} | {perplexity(model, evaluation, bs):.3f} |")
     return 0
+
+
+def memory_rows(model, arch, importance, sliced, plain, masked_eval) -> dict[str, float]:
+    """Extra memory of masked and of copy+slice evaluation, as shares of the model's size."""
+    size, spec = model_bytes(model), adapter.model_spec(model)
+    base_alloc = allocated_bytes(plain)
+    mask_bytes = sum(
+        m.numel() * m.element_size()
+        for i in range(spec.num_layers)
+        for m in unit_masks(arch, importance, i, torch.float32, torch.device("cpu"))
+        if m is not None
+    )
+    return {
+        "masked extra memory ÷ model size": (max(allocated_bytes(masked_eval) - base_alloc, 0) + mask_bytes) / size,
+        # a sliced copy holds at least the candidate's weights while it is evaluated
+        "copy+slice extra memory ÷ model size (lower bound)": model_bytes(sliced) / size,
+    }
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -39,8 +38,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from experiments import provenance
 from pruning import adapter, importance, reference
-from search import export, plan, run, trial_objective
-from search.config import RunConfig
+from search import formats, plan, recovery, run, trial_objective
+from search.cli_args import parse_config
+from search.runner import SearchRun
 
 TINYLLAMA = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                  num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)
@@ -51,13 +51,13 @@ SETTINGS = ["--budget", "60%", "--seq-len", "64", "--batch-size", "2", "--calibr
 STAGES = {
     "load": (adapter, "load_model", "load"),
     "importance": (importance, "compute_importance", "importance (wanda, fluctuation)"),
-    "baselines": (run, "baselines", "candidate evaluation"),
+    "baselines": (SearchRun, "baselines", "candidate evaluation"),
     "trials": (trial_objective.TrialObjective, "measure", "candidate evaluation"),
-    "summary": (run, "finish", "candidate evaluation"),
-    "teacher targets": (export, "dense_teacher", "teacher targets"),
-    "slicing": (export, "slice_model", "slicing"),
-    "LoRA + distillation": (export, "recover", "LoRA + distillation"),
-    "export": (export, "export_model", None),
+    "summary": (SearchRun, "summarise", "candidate evaluation"),
+    "teacher targets": (recovery, "dense_teacher", "teacher targets"),
+    "slicing": (recovery, "slice_model", "slicing"),
+    "LoRA + distillation": (recovery, "recover", "LoRA + distillation"),
+    "export": (formats, "write", None),
 }
 
 
@@ -147,8 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         calibration, evaluation = texts(work)
         command = ["--model", str(model_dir), "--calibration", str(calibration), "--evaluation", str(evaluation),
                    "--trials", str(args.trials), "--out", str(work / "run"), *SETTINGS]
-        ns = run.build_parser().parse_args(command)
-        config = RunConfig(**{f.name: getattr(ns, f.name) for f in fields(RunConfig)})
+        config = parse_config(command)
         predicted = plan.make_plan(config, torch.device("cpu"))
         memory = StageMemory()
         for name, (owner, attr, _) in STAGES.items():

@@ -38,7 +38,7 @@ import shutil
 import sys
 import time
 from contextlib import redirect_stdout
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -54,13 +54,14 @@ from pruning.metrics import perplexity
 from pruning.reconstruct import reconstruct
 from pruning.sensitivity import Grid, measure_sensitivity
 from pruning.slicing import slice_model
-from search import run
 from search.budget import BudgetError, parse_budget
+from search.cli_args import parse_config
 from search.config import ConfigError, RunConfig
-from search.export import dense_teacher, reconstruction_settings, recovery_settings, text_domains
 from search.knapsack import knapsack
 from search.pipeline import open_run_study, run_search
+from search.recovery import dense_teacher, reconstruction_settings, recovery_settings, text_domains
 from search.report import RunSummary
+from search.runner import table_windows
 from search.setup import USER_ERRORS, Setup, prepare
 from search.space import SearchSpace
 from search.trials import trial_architecture
@@ -112,7 +113,7 @@ def build_context(config: RunConfig, out: Path) -> Context:
     tokenizer, model = setup.tokenizer, setup.model
     domains = text_domains(config, tokenizer)
     reference = dense_teacher(model, config, domains)
-    held_out = setup.held_out
+    held_out = setup.held_out_windows
     recovery = None if config.recover_steps == 0 else dict(
         domains=domains, config=recovery_settings(config), evaluation=EvalData(held_out), reference=reference,
         validation=EvalData(setup.search_windows))
@@ -131,8 +132,7 @@ def run_arguments(args: argparse.Namespace, budget: str) -> list[str]:
 
 def run_config(argv: list[str]) -> RunConfig:
     """The RunConfig `python -m search.run` would make of `argv`: one source for data, windows and recovery."""
-    ns = run.build_parser().parse_args(argv)
-    return RunConfig(**{f.name: getattr(ns, f.name) for f in fields(RunConfig)})
+    return parse_config(argv)
 
 
 def search_run(argv: list[str], removed: str, seed: int, out: Path, windows: int | None = None) -> RunSummary:
@@ -190,7 +190,7 @@ def prune_method(method: str, ctx: Context, space: SearchSpace, summary: RunSumm
         wanda, _ = ctx.once("wanda", lambda: compute_importance(dense, calibration, "wanda", batch))
         grid = Grid.spread(space.spec, setup.config.sensitivity_points)
         table, seconds = ctx.once("sensitivity", lambda: measure_sensitivity(
-            dense, wanda, run.table_windows(setup), grid, ("nll",), batch, ctx.out))
+            dense, wanda, table_windows(setup), grid, ("nll",), batch, ctx.out))
         windows = table.windows_evaluated()
         model, extra = cut(ctx, knapsack(space, table), wanda, rebuild=rebuild)
         return (model, seconds + extra, table.measurements(),
@@ -323,7 +323,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.search_args = [a for a in args.search_args if a != "--"]
     out = Path(args.out)
-    results_path = out / "results.json"
     try:
         budgets = [kept_budget(r) for r in args.removed]
         base = run_config(run_arguments(args, budgets[0]))
@@ -332,10 +331,7 @@ def main(argv: list[str] | None = None) -> int:
             settings["windows"] = args.windows
         if "Torch-Pruning" in args.methods:
             import torch_pruning  # noqa: F401  (fail now, not after an hour)
-        saved = json.loads(results_path.read_text()) if results_path.exists() else {"settings": settings, "rows": []}
-        if saved["settings"] != settings:
-            raise ConfigError(f"{out} holds results made with other settings ({saved['settings']}); "
-                             f"choose another --out")
+        rows = saved_rows(out / "results.json", settings)
         ctx = build_context(base, out)
     except ImportError as err:
         if err.name != "torch_pruning":
@@ -346,8 +342,24 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    rows = [Row(**r) for r in saved["rows"]]
     out.mkdir(parents=True, exist_ok=True)
+    rows = measure_all(args, budgets, ctx, rows, settings)
+    report(args, argv, ctx, rows)
+    return 0
+
+
+def saved_rows(path: Path, settings: dict) -> list[Row]:
+    """The rows an earlier run with the same settings wrote (the comparison resumes); ConfigError otherwise."""
+    saved = json.loads(path.read_text()) if path.exists() else {"settings": settings, "rows": []}
+    if saved["settings"] != settings:
+        raise ConfigError(f"{path.parent} holds results made with other settings ({saved['settings']}); "
+                          f"choose another --out")
+    return [Row(**r) for r in saved["rows"]]
+
+
+def measure_all(args: argparse.Namespace, budgets: list[str], ctx: Context, rows: list[Row], settings: dict
+                ) -> list[Row]:
+    """Measure every (budget, method, seed, reconstruction) not in `rows` yet, saving the rows after each."""
     done = {(r.removed, r.method, r.seed, r.reconstructed) for r in rows}
     dense_params = Architecture.full(ctx.setup.space.spec).params()
     runs = [(m, seed, rebuild) for m in args.methods for seed in (args.seeds if m == "searched" else [0])
@@ -359,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             print(f"[compare] {removed} removed: {method} (seed {seed}){' + reconstruction' * rebuild}",
                   file=sys.stderr)
-            summary = (search_run(run_arguments(args, budget), removed, seed, out, args.windows)
+            summary = (search_run(run_arguments(args, budget), removed, seed, ctx.out, args.windows)
                        if method == "searched" else None)
             try:
                 rows.append(measure(method, removed, ctx, space, summary, seed, rebuild))
@@ -368,19 +380,24 @@ def main(argv: list[str] | None = None) -> int:
                     raise
                 print(f"[compare] {method} failed: {err!r}", file=sys.stderr)
                 rows.append(Row(removed, method, 0, math.nan, math.nan, 0.0, 0, f"failed: {err}"[:160]))
-            write_atomic(results_path, json.dumps({"settings": settings, "rows": [asdict(r) for r in rows]},
-                                                  indent=1))
+            write_atomic(ctx.out / "results.json",
+                         json.dumps({"settings": settings, "rows": [asdict(r) for r in rows]}, indent=1))
+    return rows
+
+
+def report(args: argparse.Namespace, argv: list[str] | None, ctx: Context, rows: list[Row]) -> None:
+    """Write results.md (this run's budgets and methods, in table order) and the plot; print the table."""
+    out = ctx.out
     order = {key: i for i, key in enumerate((r, m, s, b) for r in args.removed for m in METHODS for b in (False, True)
                                             for s in args.seeds)}
     rows = sorted((r for r in rows if (r.removed, r.method, r.seed, r.reconstructed) in order),
                   key=lambda r: order[r.removed, r.method, r.seed, r.reconstructed])
-    dense_ppl = perplexity(ctx.setup.model, ctx.held_out, base.batch_size)
-    text = table(rows, dense_ppl, dense_params)
+    dense_ppl = perplexity(ctx.setup.model, ctx.held_out, ctx.setup.config.batch_size)
+    text = table(rows, dense_ppl, Architecture.full(ctx.setup.space.spec).params())
     write_atomic(out / "results.md", provenance.header("experiments.compare", argv) + text)
     plot(rows, dense_ppl, out / "compare.png", f"{Path(args.model).name}: perplexity vs parameters")
     print(text)
     print(f"table: {out / 'results.md'}\nplot:  {out / 'compare.png'}")
-    return 0
 
 
 if __name__ == "__main__":

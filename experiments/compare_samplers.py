@@ -29,7 +29,7 @@ from pruning.files import write_atomic
 from search import samplers
 from search.pipeline import open_run_study, run_search
 from search.record import StudyRecord
-from search.run import tables_cost
+from search.runner import tables_cost
 
 
 def curve(study: optuna.Study, start: int, per_trial: int) -> pd.DataFrame:

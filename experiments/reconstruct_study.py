@@ -101,7 +101,7 @@ def study_run(run_dir: Path, damps: list[float], top: int, loaded: dict) -> dict
     if key not in loaded:
         loaded[key] = prepare(replace(config, out=str(run_dir)))
     setup = loaded[key]
-    model, batch, search, held = setup.model, config.batch_size, setup.search_windows, setup.held_out
+    model, batch, search, held = setup.model, config.batch_size, setup.search_windows, setup.held_out_windows
     importance = load_or_compute(model, setup.calibration, config.importance, run_dir, batch)
     summary = json.loads((run_dir / "summary.json").read_text())
     study = optuna.load_study(study_name=summary["study_name"], storage=summary["storage"])

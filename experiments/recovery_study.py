@@ -19,8 +19,8 @@ from pathlib import Path
 from experiments import provenance
 from pruning.architecture import Architecture
 from search.config import RunConfig
-from search.export import RecoveryRecord
 from search.pipeline import recover_architecture, run_search
+from search.recovery import RecoveryRecord
 
 
 def export_record(config: RunConfig, arch: Architecture, out: Path, steps: int, distill: float) -> RecoveryRecord:

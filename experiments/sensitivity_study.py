@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                 archs, values = candidates[removed]
                 row[f"tau {removed}"] = kendalltau(sub.additive(archs), values).statistic
                 with masked(model, knapsack(spaces[removed], sub), importance):
-                    row[f"knapsack held-out {removed}"] = perplexity(model, setup.held_out, batch)
+                    row[f"knapsack held-out {removed}"] = perplexity(model, setup.held_out_windows, batch)
             rows.append(row)
             print(row, file=sys.stderr)
     frame = pd.DataFrame(rows)

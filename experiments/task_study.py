@@ -42,12 +42,12 @@ from pruning.importance import load_or_compute
 from pruning.masking import masked
 from pruning.metrics import window_losses
 from search.config import RunConfig
-from search.export import recover_and_export
 from search.objectives import KL, LMEval, Perplexity
 from search.objectives.harness import Suite
 from search.objectives.kl import dense_top_k, kl_per_position
 from search.objectives.task import read_task
 from search.pipeline import run_search
+from search.recovery import recover_and_export
 from search.setup import prepare
 from search.trials import to_loss
 

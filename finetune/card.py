@@ -74,6 +74,27 @@ def _metrics_table(card: ModelCard) -> list[str]:
     return rows
 
 
+LLAMA_CPP_SECTION = (
+    "## llama.cpp",
+    "",
+    "`python -m search.export --run <run> --format gguf --gguf-type q8_0 --out model.gguf` writes this model "
+    "as one GGUF file (per-layer shapes as llama.cpp's `deci` architecture; f32, f16 or q8_0). Run it with",
+    "",
+    "```bash",
+    'llama-cli -m model.gguf -p "def main():" -n 64',
+    "```",
+    "",
+    "or from Python (`pip install llama-cpp-python`):",
+    "",
+    "```python",
+    "from llama_cpp import Llama",
+    'llm = Llama(model_path="model.gguf")',
+    'print(llm("def main():", max_tokens=64)["choices"][0]["text"])',
+    "```",
+    "",
+)
+
+
 def render(arch: Architecture, card: ModelCard, remote_code: bool) -> str:
     s = arch.spec
     params, dense = arch.params(), type(arch).full(s).params()
@@ -108,23 +129,7 @@ def render(arch: Architecture, card: ModelCard, remote_code: bool) -> str:
         "",
         layout,
         "",
-        "## llama.cpp",
-        "",
-        "`python -m search.export --run <run> --format gguf --gguf-type q8_0 --out model.gguf` writes this model "
-        "as one GGUF file (per-layer shapes as llama.cpp's `deci` architecture; f32, f16 or q8_0). Run it with",
-        "",
-        "```bash",
-        'llama-cli -m model.gguf -p "def main():" -n 64',
-        "```",
-        "",
-        "or from Python (`pip install llama-cpp-python`):",
-        "",
-        "```python",
-        "from llama_cpp import Llama",
-        'llm = Llama(model_path="model.gguf")',
-        'print(llm("def main():", max_tokens=64)["choices"][0]["text"])',
-        "```",
-        "",
+        *LLAMA_CPP_SECTION,
         "## Metrics",
         "",
         *_metrics_table(card),

@@ -6,7 +6,7 @@ import hashlib
 import json
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from finetune.gguf import GGUF_TYPES
@@ -22,51 +22,101 @@ class ConfigError(ValueError):
     pass
 
 
+def option(default, help: str, group: str = "search", **cli):
+    """A RunConfig field and its command-line option (`search.cli_args` builds argparse from these): `help` is the
+    option's text, `group` its section, and `cli` any argparse keyword (flags, choices, action, metavar) or
+    `default_help`, what --help says the default is where the value itself means little."""
+    return field(default=default, metadata={"help": help, "group": group, **cli})
+
+
+FINAL_EVAL_WINDOWS = 128  # evenly spread over the evaluation text: the summary and export metrics
+
+
 @dataclass(frozen=True)
 class RunConfig:
-    model: str = str(reference.MODEL_DIR)
-    budget: str = "60%"
-    trials: int = 24
-    objective: str = "perplexity"
-    calibration: str = str(reference.CALIBRATION_TEXT)
-    evaluation: str = str(reference.EVALUATION_TEXT)
-    seq_len: int = 256
-    calibration_windows: int = 64
-    search_windows: int = 32  # evaluation windows each trial is measured on; the summary reports on the others
-    importance: str = "wanda"
-    sensitivity_windows: int = 4  # search windows each sensitivity-table entry is measured on (at most all)
-    sensitivity_points: int = 8  # kept sizes measured per sublayer
-    local_table: bool = True  # measure a second table around the dense table's knapsack; the search starts there
-    local_reach: int = 1  # grid sizes it measures on each side of the knapsack's; farther ones follow the dense table
-    sampler: str = "predictor"
-    n_startup: int = 8
-    ffn_step: int | None = None  # None: 8, or the GGUF type's block (32 for q8_0) with export_format "gguf"
-    allow_drop: bool = True
-    storage: str | None = None
-    study_name: str | None = None
-    out: str | None = None
-    device: str = "auto"
-    batch_size: int = 8
-    seed: int = 0
-    export: bool = True  # after the search: slice, recover and export the best architecture
-    export_format: str = "hf"  # hf: a transformers directory; gguf: one llama.cpp file
-    gguf_type: str = "q8_0"
-    reconstruct: bool = True  # re-fit o_proj / down_proj's kept columns on calibration activations after slicing
-    reconstruct_damp: float = DEFAULT_DAMP
-    reconstruct_target: str = "self"  # pruning.reconstruct.TARGETS
-    recover_steps: int = 100
-    recover_windows: int = 512
-    lora_rank: int = 8
-    distill: float = 0.5
-    domains: tuple[str, ...] = ()  # extra training text, "NAME=PATH"
-    task: str | None = None
-    task_template: str = "{prompt}"
-    task_answer_prefix: str = " "  # put before every answer and option (" Paris")
-    shots: int = 0
-    task_search_examples: int = 64  # training examples of --task each trial is measured on (--objective task)
-    predictor_target: str = "value"
-    eval_limit: int = 50  # lm-eval documents per task each trial is measured on (--objective lm-eval:...)
-    eval_include: str | None = None  # directory of lm-eval task YAMLs (offline tasks)
+    model: str = option(str(reference.MODEL_DIR), "local model directory, hub id, or .gguf file (dequantized; "
+                        "pip install 'prunesearch[gguf]')", default_help="the shipped reference model")
+    budget: str = option("60%", "parameters to keep, embeddings included: 5B, 350M, 2.5e9, or 70%% / 0.7 of the "
+                         "model")
+    trials: int = option(24, "candidates to measure")
+    objective: str = option("perplexity", "what each trial measures: perplexity, kl (to the dense model), task "
+                            "(accuracy on --task) or lm-eval:TASK[,TASK] (lm-evaluation-harness, "
+                            "pip install 'prunesearch[eval]')")
+    task_search_examples: int = option(64, "--objective task: training examples of --task each trial is measured "
+                                       "on; 20%% of --task is held out for the summary")
+    predictor_target: str = option("value", "what the predictor learns: the objective's value, or with --objective "
+                                   "task the smooth log-likelihood margin of the right option",
+                                   choices=PREDICTOR_TARGETS)
+    eval_limit: int = option(50, "--objective lm-eval:...: documents per task each trial is measured on; the "
+                             "summary reports on the rest")
+    eval_include: str | None = option(None, "directory of lm-eval task YAMLs (a local YAML over a local JSONL "
+                                      "works offline)")
+    calibration: str = option(str(reference.CALIBRATION_TEXT), "text for importance scores: file, directory, or "
+                              "wikitext2/c4 online", default_help="shipped text")
+    evaluation: str = option(str(reference.EVALUATION_TEXT), "held-out text the metric is measured on",
+                             default_help="shipped text")
+    seq_len: int = option(256, "tokens per window")
+    calibration_windows: int = option(64, "calibration windows for importance scores and reconstruction")
+    search_windows: int = option(32, "evaluation windows per trial; the summary reports on the others, of up to "
+                                 f"{FINAL_EVAL_WINDOWS}")
+    importance: str = option("wanda", "unit importance scores", choices=IMPORTANCE_METHODS)
+    sampler: str = option("predictor", f"{', '.join(samplers.REGISTRY)}; predictor and knapsack first measure the "
+                          "sensitivity table and start from its knapsack, knapsack then ranks by the table alone")
+    sensitivity_windows: int = option(4, "search windows each sensitivity-table entry is measured on, at most all")
+    sensitivity_points: int = option(8, "kept sizes measured per sublayer for the sensitivity table")
+    local_table: bool = option(True, "also measure a table around the first table's knapsack (each sublayer moved "
+                               "while the others stay pruned) and start the search from its knapsack")
+    local_reach: int = option(1, "grid sizes the local table measures on each side of the knapsack's size, per "
+                              "sublayer; sizes farther out follow the first table's curve. --sensitivity-points or "
+                              "more measures them all, at about the first table's cost")
+    n_startup: int = option(8, "trials before the predictor guides")
+    ffn_step: int | None = option(None, "FFN channels kept are a multiple of this. GGUF block quantization needs "
+                                  "it: 32 for Q8_0, 256 for K-quants (Q4_K...) if you will quantize the export "
+                                  "further with llama-quantize",
+                                  default_help="8; with --format gguf the type's block, so every width the search "
+                                  "proposes fits it: 32 for q8_0")
+    allow_drop: bool = option(True, "never drop a whole attention or MLP sublayer", flags=("--no-drop",),
+                              action="store_false")
+    storage: str | None = option(None, "Optuna storage URL", default_help="sqlite:///<out>/study.db; "
+                                 "journal:<file> or postgresql://... for several workers")
+    study_name: str | None = option(None, "Optuna study name", default_help="the run directory's name")
+    out: str | None = option(None, "run directory; reuse it to resume", default_help="runs/<model>-<budget>-<time>")
+    device: str = option("auto", "auto, cpu or cuda[:N]")
+    batch_size: int = option(8, "windows per forward pass")
+    seed: int = option(0, "seed of the sampler, importance ties and recovery")
+    export: bool = option(True, "stop after the search: no slicing, recovery or export", flags=("--no-export",),
+                          action="store_false")
+    export_format: str = option("hf", "hf: a transformers directory (per-layer remote code when shapes differ); "
+                                "gguf: one file for llama.cpp, per-layer shapes as its deci architecture",
+                                group="format", flags=("--format",), choices=tuple(formats.REGISTRY))
+    gguf_type: str = option("q8_0", "GGUF weight type; q8_0 needs every FFN width a multiple of 32", group="format",
+                            choices=GGUF_TYPES)
+    reconstruct: bool = option(True, "re-fit each layer's o_proj and down_proj on calibration activations so its "
+                               "output stays close to the dense weights' (least squares, layer by layer; no "
+                               "parameter added)", group="reconstruction")
+    reconstruct_damp: float = option(DEFAULT_DAMP, "ridge damping of the re-fit, a share of the mean input energy",
+                                     group="reconstruction")
+    reconstruct_target: str = option("self", "self: fit the dense weights' output on the pruned model's inputs; "
+                                     "dense: fit the dense model's output plus the residual stream's drift (runs "
+                                     "the dense model alongside; better for heavy fixed-ratio pruning of the "
+                                     "reference model, over-fits on SmolLM2)", group="reconstruction",
+                                     choices=TARGETS)
+    recover_steps: int = option(100, "LoRA steps on the calibration text; 0 exports without tuning. Every tenth of "
+                                "the steps the search windows' perplexity (with --task: the task margin on its "
+                                "search examples, which tuning leaves out) is measured and the best state is "
+                                "exported, the untuned sliced model included, so recovery never makes it worse "
+                                "there; if held-out perplexity still rises, the summary says so", group="recovery")
+    recover_windows: int = option(512, "calibration windows to tune on", group="recovery")
+    lora_rank: int = option(8, "LoRA rank", group="recovery")
+    distill: float = option(0.5, "weight of KL distillation from the dense model, 0..1", group="recovery")
+    domains: tuple[str, ...] = option((), "extra training text; several domains are mixed by dynamic batch loading "
+                                      "(repeatable)", group="recovery", flags=("--domain",), metavar="NAME=PATH",
+                                      default_help="none")
+    task: str | None = option(None, "JSONL of task examples to tune and score on (20%% held out)", group="recovery")
+    task_template: str = option("{prompt}", "str.format prompt over the JSONL fields", group="recovery")
+    task_answer_prefix: str = option(" ", "text before every answer and option, e.g. a space or a newline",
+                                     group="recovery", default_help="a space")
+    shots: int = option(0, "few-shot examples before each task prompt", group="recovery")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "domains", tuple(self.domains))

@@ -6,15 +6,13 @@
     run_measurements(summary)                       # every trial as a `search.trials.Measurement`
     record = recover_architecture(config, arch, out)  # slice, LoRA-recover and export any architecture
 
-The CLI (`search.run.main`) parses argv into the same `RunConfig`, prints and turns errors into exit codes;
-these functions take arguments, return records and raise (`search.setup.USER_ERRORS` for bad input).
+The CLI (`search.run.main`) parses argv into the same `RunConfig` (`search.cli_args`), calls the same runner
+(`search.runner.SearchRun`), prints and turns errors into exit codes; these functions take arguments, return
+records and raise (`search.setup.USER_ERRORS` for bad input).
 """
 
 from __future__ import annotations
 
-import shlex
-import time
-from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -22,9 +20,9 @@ import optuna
 from pruning.architecture import Architecture
 from pruning.importance import load_or_compute
 from search.config import RunConfig
-from search.export import RecoveryRecord, recover_and_export
+from search.recovery import RecoveryRecord, recover_and_export
 from search.report import RunSummary
-from search.run import execute, start, tables_cost
+from search.runner import SearchRun
 from search.setup import prepare
 from search.study import open_storage
 from search.trials import Measurement, measurements
@@ -37,12 +35,7 @@ def run_search(config: RunConfig, command: str | None = None, windows: int | Non
     `windows`: a cost in evaluation windows instead of `config.trials`: the trials are what is left of it after
     the sensitivity tables (their size is known only once the first table's knapsack is), at
     `config.search_windows` each, and at least one."""
-    started = time.time()
-    setup, study, importance, sensitivity = start(config)
-    if windows is not None:
-        setup.config = replace(config, trials=max(1, (windows - tables_cost(study)) // config.search_windows))
-    argv = shlex.split(command) if command else ["--out", str(setup.layout.root)]
-    return execute(setup, study, importance, sensitivity, argv, started)
+    return SearchRun(config, windows=windows, command=command).run()
 
 
 def open_run_study(summary: RunSummary) -> optuna.Study:

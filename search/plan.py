@@ -59,11 +59,11 @@ from search import samplers
 from search.budget import parse_budget
 from search.config import ConfigError, RunConfig
 from search.objectives import objective_class
+from search.recovery import TEACHER_TOP_K  # the teacher costs 8k + 4 bytes per position
 from search.setup import run_dtype
 from search.space import SearchSpace
 
 GIB = 2**30
-TEACHER_TOP_K = 32  # search.export's; 8k + 4 bytes per position
 PPL_CHUNK = 4096  # pruning.metrics.perplexity's token_chunk
 LOSS_CHUNK_BYTES = 256 * 2**20  # finetune.losses.LOGITS_CHUNK_BYTES
 HEADROOM = 0.9  # share of the device's memory a plan may use (allocator fragmentation, CUDA context)

@@ -12,8 +12,10 @@ import plotly.graph_objects as go
 from scipy.stats import kendalltau
 
 from pruning.architecture import Architecture, format_count
-from search.export import RecoveryRecord
+from search.recovery import RecoveryRecord
 from search.trials import completed, measurements, trial_architecture
+
+FLAT_PERPLEXITIES = ("base", "uniform", "threshold", "knapsack", "best")
 
 
 @dataclass(frozen=True)
@@ -28,12 +30,7 @@ class RunSummary:
     best_trial: int
     trials_complete: int
     trials_failed: int
-    base_perplexity: float
-    uniform_perplexity: float
-    threshold_perplexity: float
-    knapsack_perplexity: float | None  # the sensitivity knapsack, when the sampler measured the table
-    best_perplexity: float
-    held_out_windows: int  # every perplexity above is on these: evaluation windows no trial was measured on
+    held_out_windows: int  # every metric below is on these: evaluation windows no trial was measured on
     windows_evaluated: int  # the search's cost: sensitivity table + trials, in evaluation windows
     predictor_kendall_tau: float | None  # predictions made before measuring vs the measurements
     predictor_pairs: int
@@ -41,22 +38,37 @@ class RunSummary:
     recovery: RecoveryRecord | None = None
     objective: str = "perplexity"  # what the trials measured
     objective_direction: str = "minimize"
-    # held-out metrics of each model (base, uniform, threshold, knapsack, searched): perplexity and, for another
-    # objective, the objective with its companions (`Score.flat`); the recovered model's are in `recovery`
+    # held-out metrics of each model (base, uniform, threshold, knapsack with the tables, searched): perplexity and,
+    # for another objective, the objective with its companions (`Score.flat`); the recovered model's are in `recovery`
     objective_values: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def perplexity(self, model: str) -> float | None:
+        """Held-out perplexity of `model` (a key of `objective_values`), None where it was not measured."""
+        return self.objective_values.get(model, {}).get("perplexity")
+
+    base_perplexity = property(lambda self: self.perplexity("base"))
+    uniform_perplexity = property(lambda self: self.perplexity("uniform"))
+    threshold_perplexity = property(lambda self: self.perplexity("threshold"))
+    knapsack_perplexity = property(lambda self: self.perplexity("knapsack"))
+    best_perplexity = property(lambda self: self.perplexity("searched"))
 
     def dashboard_command(self) -> str:
         target = self.storage.removeprefix("journal:")
         return f"optuna-dashboard {target}"
 
     def to_json(self) -> str:
+        """The fields, and for readers of summary.json each model's perplexity as `<model>_perplexity` and the
+        dashboard command (derived from the fields; `from_json` drops them)."""
         recovery = self.recovery.to_dict() if self.recovery else None
-        return json.dumps({**asdict(self), "recovery": recovery, "dashboard": self.dashboard_command()}, indent=2)
+        flat = {f"{name}_perplexity": getattr(self, f"{name}_perplexity") for name in FLAT_PERPLEXITIES}
+        return json.dumps({**asdict(self), "recovery": recovery, **flat, "dashboard": self.dashboard_command()},
+                          indent=2)
 
     @classmethod
     def from_json(cls, text: str) -> RunSummary:
         data = json.loads(text)
-        data.pop("dashboard", None)
+        for key in ("dashboard", *(f"{name}_perplexity" for name in FLAT_PERPLEXITIES)):
+            data.pop(key, None)
         if data.get("recovery") is not None:
             data["recovery"] = RecoveryRecord.from_dict(data["recovery"])
         return cls(**data)
@@ -85,14 +97,11 @@ class RunSummary:
         def ratio(p: int) -> str:
             return f"{format_count(p)} ({p / self.base_params:.1%})"
 
-        rows = [
-            ("base model", ratio(self.base_params), self.base_perplexity),
-            ("uniform pruning", "same budget", self.uniform_perplexity),
-            ("importance threshold (FLAP-style)", "same budget", self.threshold_perplexity),
-            *([("sensitivity knapsack", "same budget", self.knapsack_perplexity)]
-              if self.knapsack_perplexity is not None else []),
-            (f"searched (trial {self.best_trial})", ratio(self.best_params), self.best_perplexity),
-        ]
+        labels = {"base": "base model", "uniform": "uniform pruning", "threshold": "importance threshold (FLAP-style)",
+                  "knapsack": "sensitivity knapsack", "searched": f"searched (trial {self.best_trial})"}
+        params = {"base": ratio(self.base_params), "searched": ratio(self.best_params)}
+        rows = [(label, params.get(name, "same budget"), self.perplexity(name)) for name, label in labels.items()
+                if self.perplexity(name) is not None]
         table = "\n".join(f"| {name} | {params} | {ppl:.3f} |" for name, params, ppl in rows)
         tau = "n/a" if self.predictor_kendall_tau is None else f"{self.predictor_kendall_tau:.2f}"
         recovery = ""

@@ -14,11 +14,10 @@ from pruning.data import DataError, evenly_spaced, read_text, token_windows
 from pruning.metrics import default_device
 from search import formats, objectives
 from search.budget import BudgetError, parse_budget
-from search.config import ConfigError, ModelSource, RunConfig, RunLayout
+from search.config import FINAL_EVAL_WINDOWS, ConfigError, ModelSource, RunConfig, RunLayout
 from search.space import InfeasibleBudgetError, SearchSpace, SpaceError
 from search.study import StorageError, StudyMismatchError, open_storage
 
-FINAL_EVAL_WINDOWS = 128  # evenly spread over the evaluation text: the summary and export metrics
 # Errors caused by what the user asked for: the CLIs print them and exit 2.
 USER_ERRORS = (
     ConfigError,
@@ -48,7 +47,7 @@ class Setup:
     calibration: torch.Tensor  # (N, T)
     search_windows: torch.Tensor  # (M, T)
     final_windows: torch.Tensor  # (K, T) evenly spread over the evaluation text; the search windows are M of them
-    held_out: torch.Tensor  # (K - M, T) the final windows no trial is measured on: what results are reported on
+    held_out_windows: torch.Tensor  # (K - M, T) the final windows no trial is measured on: what results are reported on
     checked: object | None = None  # what the objective's `check` read (lm-eval's tasks), reused when it is built
     source: ModelSource | None = None  # the GGUF file the model was read from (None: a directory or hub id)
     _objectives: dict = field(default_factory=dict, repr=False)

@@ -67,5 +67,5 @@ class KL(Objective):
     @classmethod
     def from_config(cls, config, setup, split: str, checked=None) -> KL:
         """Reads the dense model: build it before any candidate is masked."""
-        windows = setup.search_windows if split == "search" else setup.held_out
+        windows = setup.search_windows if split == "search" else setup.held_out_windows
         return cls(windows, dense_top_k(setup.model, windows, batch_size=config.batch_size), config.batch_size)

@@ -27,4 +27,4 @@ class Perplexity(Objective):
 
     @classmethod
     def from_config(cls, config, setup, split: str, checked=None) -> Perplexity:
-        return cls(setup.search_windows if split == "search" else setup.held_out, config.batch_size)
+        return cls(setup.search_windows if split == "search" else setup.held_out_windows, config.batch_size)

@@ -90,7 +90,7 @@ def assert_torch_pruning_row(row, root, budget):
     assert row["note"] == f"width ratio {ratio:.3f}, head ratio {head_ratio:.3f}"
     assert head_ratio == 0.25  # two of the 8 query heads go: the row is a pruned model, not the dense one
     assert row["params"] == count(model) < count(setup.model)
-    assert row["pruned"] == pytest.approx(perplexity(model, setup.held_out), rel=1e-5)
+    assert row["pruned"] == pytest.approx(perplexity(model, setup.held_out_windows), rel=1e-5)
     assert row["recovered"] != row["pruned"]  # the same LoRA recovery ran on it
 
 
@@ -117,7 +117,7 @@ def test_held_out_windows_exclude_the_search_windows(tiny_model_dir):
     config = compare.run_config(["--model", str(tiny_model_dir / "model"), *search_args(tiny_model_dir)])
     assert isinstance(config, RunConfig) and config.search_windows == 4
     setup = prepare(config)
-    held = setup.held_out
+    held = setup.held_out_windows
     assert len(held) == len(setup.final_windows) - len(setup.search_windows)
     assert not (held[:, None, :] == setup.search_windows[None]).all(-1).any()
 

@@ -1,24 +1,22 @@
 """search.pipeline: the search as library calls returns what the CLI writes."""
 
 import json
-from dataclasses import fields, replace
+from dataclasses import replace
 
 import pytest
 
-from search.config import RunConfig
+from search.cli_args import parse_config
 from search.objectives import KL
 from search.pipeline import open_run_study, run_measurements, run_search
 from search.report import RunSummary
-from search.run import build_parser
 from search.trials import best_trial
 from tests.search.test_run import args
 
 
 @pytest.mark.slow
 def test_run_search_returns_the_summary_it_writes_and_the_measurements(tiny_model_dir, tmp_path):
-    parsed = build_parser().parse_args(args(tiny_model_dir, tmp_path / "kl", "--budget", "75%", "--trials", "6",
-                                            "--objective", "kl"))
-    config = RunConfig(**{f.name: getattr(parsed, f.name) for f in fields(RunConfig)})
+    config = parse_config(args(tiny_model_dir, tmp_path / "kl", "--budget", "75%", "--trials", "6",
+                               "--objective", "kl"))
     summary = run_search(config)
     assert summary == RunSummary.from_json((tmp_path / "kl" / "summary.json").read_text())
     assert summary.objective == "kl" and summary.objective_direction == "minimize"
@@ -42,21 +40,20 @@ def test_recover_architecture_slices_and_exports_any_architecture(tiny_model_dir
     from search.pipeline import recover_architecture
     from search.setup import prepare
 
-    parsed = build_parser().parse_args(args(tiny_model_dir, tmp_path / "run", "--budget", "75%"))
-    config = replace(RunConfig(**{f.name: getattr(parsed, f.name) for f in fields(RunConfig)}), recover_steps=0)
+    config = replace(parse_config(args(tiny_model_dir, tmp_path / "run", "--budget", "75%")), recover_steps=0)
     setup = prepare(config)
     arch = setup.space.uniform()
     record = recover_architecture(config, arch, tmp_path / "model")
     assert record.export == str(tmp_path / "model") and record.recovered is None and record.final == record.pruned
     importance = load_or_compute(setup.model, setup.calibration, config.importance, tmp_path / "run")
-    assert record.dense["perplexity"] == pytest.approx(perplexity(setup.model, setup.held_out), rel=1e-6)
+    assert record.dense["perplexity"] == pytest.approx(perplexity(setup.model, setup.held_out_windows), rel=1e-6)
     with masked(setup.model, arch, importance):  # the slice before reconstruction
-        assert record.unreconstructed["perplexity"] == pytest.approx(perplexity(setup.model, setup.held_out),
+        assert record.unreconstructed["perplexity"] == pytest.approx(perplexity(setup.model, setup.held_out_windows),
                                                                      rel=1e-5)
     from pruning.reconstruct import ReconstructionConfig, reconstructed
 
     with reconstructed(setup.model, arch, importance, setup.calibration, ReconstructionConfig()):
-        refitted = perplexity(setup.model, setup.held_out)
+        refitted = perplexity(setup.model, setup.held_out_windows)
         assert record.reconstruction_search[1] == pytest.approx(perplexity(setup.model, setup.search_windows),
                                                                  rel=1e-5)
     expected = refitted if record.reconstruction_kept else record.unreconstructed["perplexity"]
@@ -65,11 +62,9 @@ def test_recover_architecture_slices_and_exports_any_architecture(tiny_model_dir
 
 @pytest.mark.slow
 def test_a_window_budget_sets_the_trials_after_the_tables(tiny_model_dir, tmp_path):
-    from search.run import tables_cost
+    from search.runner import tables_cost
 
-    parsed = build_parser().parse_args(args(tiny_model_dir, tmp_path / "run", "--budget", "75%",
-                                            "--sensitivity-points", "3"))
-    config = RunConfig(**{f.name: getattr(parsed, f.name) for f in fields(RunConfig)})
+    config = parse_config(args(tiny_model_dir, tmp_path / "run", "--budget", "75%", "--sensitivity-points", "3"))
     # 1 trial, to learn what the tables cost; then a budget of the tables and 5 trials of 4 windows, with 3 to spare
     tables = tables_cost(open_run_study(run_search(replace(config, out=str(tmp_path / "probe")), windows=1)))
     assert tables > 0

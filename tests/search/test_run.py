@@ -60,9 +60,9 @@ def test_summary_perplexities_are_the_models_on_the_held_out_windows(finished_ru
     config = setup.config
     importance = load_or_compute(setup.model, setup.calibration, config.importance, finished_run, config.batch_size)
     arch = Architecture.from_json((finished_run / "best_architecture.json").read_text())
-    assert summary["base_perplexity"] == pytest.approx(perplexity(setup.model, setup.held_out), rel=1e-6)
+    assert summary["base_perplexity"] == pytest.approx(perplexity(setup.model, setup.held_out_windows), rel=1e-6)
     with masked(setup.model, arch, importance):
-        assert summary["best_perplexity"] == pytest.approx(perplexity(setup.model, setup.held_out), rel=1e-6)
+        assert summary["best_perplexity"] == pytest.approx(perplexity(setup.model, setup.held_out_windows), rel=1e-6)
 
 
 @pytest.mark.slow
@@ -86,7 +86,7 @@ def test_run_exports_the_recovered_best_model(finished_run):
     from search.setup import prepare
 
     setup = prepare(RunConfig(**json.loads((finished_run / "run.json").read_text())))
-    held_out = setup.held_out
+    held_out = setup.held_out_windows
     assert recovery["recovered"]["perplexity"] == pytest.approx(perplexity(model, held_out), rel=1e-5)
     # the slice was re-fitted (pruning.reconstruct on the calibration windows) before tuning, and both are recorded
     from pruning.importance import load_or_compute
@@ -141,23 +141,24 @@ def test_the_search_starts_from_the_knapsack_and_reports_on_held_out_windows(fin
     from pruning.masking import masked
     from pruning.metrics import perplexity
     from search.knapsack import knapsack
-    from search.run import sensitivity_tables
+    from search.runner import Prepared, SearchRun
     from search.setup import prepare
 
     study = load(finished_run)
     config = run.RunConfig(**json.loads((finished_run / "run.json").read_text()))
     setup = prepare(config)
     importance = load_or_compute(setup.model, setup.calibration, config.importance, finished_run)
-    dense, local = sensitivity_tables(study, setup, importance)  # read back from the cache
+    tables = SearchRun(config).tables(Prepared(setup, None, study, importance))  # read back from the cache
+    dense, local = tables.dense, tables.local
     rival = knapsack(setup.space, dense)
     assert local.base == rival  # the second table is measured around the rival
     assert study.trials[0].user_attrs[ARCH_ATTR] == rival.to_json()
     assert study.trials[1].user_attrs[ARCH_ATTR] == knapsack(setup.space, local).to_json()
     summary = json.loads((finished_run / "summary.json").read_text())
-    assert summary["held_out_windows"] == len(setup.held_out) == len(setup.final_windows) - 4
+    assert summary["held_out_windows"] == len(setup.held_out_windows) == len(setup.final_windows) - 4
     with masked(setup.model, rival, importance):  # the first trial's value and the baseline, measured again here
         assert study.trials[0].value == perplexity(setup.model, setup.search_windows, config.batch_size)
-        assert summary["knapsack_perplexity"] == perplexity(setup.model, setup.held_out, config.batch_size)
+        assert summary["knapsack_perplexity"] == perplexity(setup.model, setup.held_out_windows, config.batch_size)
     # on the held-out windows no trial saw, the searched model beats the uniform and threshold baselines, measured
     # apart (on this random tiny model by little: 401.52 against 401.57 and 402.91, fixed seeds; in 9 trials its
     # best is the knapsack it started from, so that is all the search is asked to beat here)
@@ -370,7 +371,7 @@ def test_recovery_notes_say_when_the_export_is_not_better():
     import torch
 
     from finetune.evaluate import EvalData, Evaluation
-    from search.export import recovery_notes
+    from search.recovery import recovery_notes
 
     text = EvalData(torch.zeros(1, 4, dtype=torch.long))
     assert recovery_notes(Evaluation(20.0), Evaluation(18.0), 40, text) == ()
@@ -411,12 +412,12 @@ def test_export_cli_on_a_finished_run(finished_run, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_export_cli_does_not_hide_programming_errors(finished_run, tmp_path, monkeypatch):
-    from search import export
+    from search import export, recovery
 
     def broken(*args, **kwargs):
         raise KeyError("a bug, not the user's input")
 
-    monkeypatch.setattr(export, "recover_and_export", broken)
+    monkeypatch.setattr(recovery, "recover_and_export", broken)
     with pytest.raises(KeyError, match="a bug"):
         export.main(["--run", str(finished_run), "--out", str(tmp_path / "z"), "--recover-steps", "0"])
 
@@ -445,7 +446,7 @@ def test_export_cli_writes_gguf_or_refuses_what_the_type_cannot_hold(finished_ru
 def test_the_objective_table_shows_a_task_run_s_accuracy_once(finished_run):
     from dataclasses import replace
 
-    from search.export import RecoveryRecord
+    from search.recovery import RecoveryRecord
     from search.report import RunSummary
 
     summary = RunSummary.from_json((finished_run / "summary.json").read_text())

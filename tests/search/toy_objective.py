@@ -38,7 +38,7 @@ class TopOneAccuracy(Objective):
 
     @classmethod
     def from_config(cls, config, setup, split: str, checked=None) -> TopOneAccuracy:
-        return cls(setup.search_windows if split == "search" else setup.held_out, config.batch_size)
+        return cls(setup.search_windows if split == "search" else setup.held_out_windows, config.batch_size)
 
 
 register_objective(name="top1", objective_cls=TopOneAccuracy)

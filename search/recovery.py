@@ -1,0 +1,237 @@
+"""Slice an architecture, re-fit and LoRA-recover it, export it, and record what each step measured: the library
+under `python -m search.export` and the end of `python -m search.run`."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import optuna
+
+from finetune.card import ModelCard
+from finetune.data import TaskFormat, encode_tasks, pad_id, read_task_split, task_domain, text_domain
+from finetune.distill import dense_reference
+from finetune.evaluate import EvalData, Evaluation, evaluate, validation_metric
+from finetune.recover import RecoveryConfig, recover
+from pruning.architecture import Architecture
+from pruning.importance import Importance, load_or_compute
+from pruning.masking import masked
+from pruning.metrics import perplexity
+from pruning.reconstruct import ReconstructionConfig, output_projections, reconstruct, restore
+from pruning.slicing import slice_model
+from search import formats
+from search.config import RunConfig, RunLayout
+from search.objectives import task_max_len
+from search.objectives.task import search_split
+from search.setup import Setup, prepare
+from search.trials import trial_architecture
+
+TEACHER_TOP_K = 32
+
+
+@dataclass(frozen=True)
+class RecoveryRecord:
+    """What slicing, recovery and export did, measured on the held-out data (windows and task examples).
+
+    Each metrics dict holds perplexity, task_accuracy with --task, and the run's objective with its companions
+    (`search.objectives.Score.flat`: {"kl": ...}, {"task": ..., "task/margin": ...}).
+    """
+
+    dense: Mapping[str, float]
+    pruned: Mapping[str, float]  # sliced (and reconstructed, unless --no-reconstruct), before recovery
+    export: str
+    recovered: Mapping[str, float] | None = None  # None with --recover-steps 0
+    recovery: Mapping | None = None  # the RecoveryConfig used
+    recovery_seconds: float | None = None
+    selected_step: int | None = None  # the step kept, best on the validation data (0: the untuned slice)
+    validation: tuple[tuple[int, float], ...] = ()  # (step, validation loss) at every check
+    # what the validation loss is: the search windows' "perplexity", or with --task "-task margin" on the task's
+    # search examples (which tuning then leaves out)
+    validated_on: str = "perplexity"
+    notes: tuple[str, ...] = ()  # where the exported model is not simply better than the sliced one
+    comparisons: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # uniform, knapsack, searched...
+    unreconstructed: Mapping[str, float] | None = None  # the same slice without reconstruction; None: not run
+    reconstruction_seconds: float | None = None
+    # the search windows' perplexity (without, with) the re-fit: it is kept only where it lowers it
+    reconstruction_search: tuple[float, float] | None = None
+
+    @property
+    def reconstruction_kept(self) -> bool:
+        return self.reconstruction_search is not None and self.reconstruction_search[1] < self.reconstruction_search[0]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "validation", tuple((int(step), float(ppl)) for step, ppl in self.validation))
+        object.__setattr__(self, "notes", tuple(self.notes))
+        if self.reconstruction_search is not None:
+            object.__setattr__(self, "reconstruction_search", tuple(map(float, self.reconstruction_search)))
+
+    @property
+    def final(self) -> Mapping[str, float]:
+        """Metrics of the exported model."""
+        return self.recovered if self.recovered is not None else self.pruned
+
+    @property
+    def steps(self) -> int:
+        return self.recovery["steps"] if self.recovery else 0
+
+    def to_dict(self) -> dict:
+        """Plain JSON types (lists for tuples), as stored on the study and in summary.json."""
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> RecoveryRecord:
+        return cls(**data)
+
+
+class RunDirectoryError(ValueError):
+    """--run, --trial or --out do not name what they must (the CLI prints it and exits 2)."""
+
+
+def reconstruction_settings(config: RunConfig) -> ReconstructionConfig:
+    return ReconstructionConfig(damp=config.reconstruct_damp, batch_size=config.batch_size,
+                                target=config.reconstruct_target)
+
+
+def task_examples(config: RunConfig, tokenizer, model):
+    """Encoded task examples (tuned on, validated on, held out), or ((), (), ()). Recovery validates on the
+    search examples (those the task objective measures trials on) and tunes on the other training examples."""
+    if not config.task:
+        return (), (), ()
+    fmt = TaskFormat(config.task_template, answer_prefix=config.task_answer_prefix)
+    train, held = read_task_split(config.task, fmt, config.seed)
+    search, tune = search_split(train, config.task_search_examples)
+    encode = dict(max_len=task_max_len(config, model), shots=config.shots, seed=config.seed)
+    scored = all(len(ex.options) >= 2 for ex in search)  # a generation task (no options) validates on perplexity
+    return (encode_tasks(tokenizer, tune, **encode),
+            encode_tasks(tokenizer, search, pool=tune, **encode) if scored else (),
+            encode_tasks(tokenizer, held, pool=train, **encode))
+
+
+def text_domains(config: RunConfig, tokenizer) -> list:
+    """The language-modelling domains recovery trains on: the calibration text and every --domain."""
+    return [text_domain(name, tokenizer, path, config.seq_len, config.recover_windows)
+            for name, path in config.domain_sources()]
+
+
+def recovery_settings(config: RunConfig) -> RecoveryConfig:
+    """The LoRA recovery a run's settings ask for (also what experiments.compare gives every method)."""
+    return RecoveryConfig(steps=config.recover_steps, batch_size=config.batch_size, rank=config.lora_rank,
+                          alpha=2.0 * config.lora_rank, distill_weight=config.distill, seed=config.seed)
+
+
+def dense_teacher(model, config: RunConfig, domains: list):
+    """The dense model's `DenseReference` for tuning (call before slicing); None where tuning would not read it:
+    distillation needs its top-k targets, dynamic batch loading over several domains its losses."""
+    if config.recover_steps == 0 or not (config.distill > 0 or len(domains) > 1):
+        return None
+    top_k = TEACHER_TOP_K if config.distill > 0 else 0
+    return dense_reference(model, domains, top_k=top_k, batch_size=config.batch_size)
+
+
+def recover_and_export(setup: Setup, importance: Importance, arch: Architecture, out: Path, command: str,
+                       force: bool, comparisons: Mapping[str, Mapping[str, float]] | None = None) -> RecoveryRecord:
+    """Slice the run's model (in place) to `arch`, LoRA-tune it, write the export; return what was measured.
+
+    `comparisons`: other models' held-out metrics for the model card (uniform, knapsack, searched...)."""
+    model, tokenizer, config = setup.model, setup.tokenizer, setup.config
+    formats.check(arch, model.config, tokenizer, config)
+    domains = text_domains(config, tokenizer)
+    train_tasks, validation_tasks, held_tasks = task_examples(config, tokenizer, model)
+    if train_tasks:
+        domains.append(task_domain("task", train_tasks, pad_id(tokenizer)))
+    evaluation = EvalData(setup.held_out_windows, held_tasks)  # reported on
+    validation = EvalData(setup.search_windows, validation_tasks)  # recovery selects on it
+    objective = setup.objective("held_out")  # built while the model is dense
+
+    def measure(m) -> dict[str, float]:
+        return {**evaluate(m, evaluation, config.batch_size).to_dict(), **objective(m).flat(objective.name)}
+
+    dense = measure(model)
+    reference = dense_teacher(model, config, domains)
+    fields_ = {"dense": dense, "comparisons": dict(comparisons or {})}
+    if config.reconstruct:
+        fields_.update(_reconstruct_if_better(setup, arch, importance, measure))
+    slice_model(model, arch, importance)
+    fields_["pruned"] = measure(model)
+    if config.recover_steps > 0:
+        settings = recovery_settings(config)
+        model, result = recover(model, domains, settings, evaluation, reference, validation=validation)
+        fields_.update(recovered=measure(model), recovery=settings.to_dict(), recovery_seconds=round(result.seconds, 1),
+                       selected_step=result.selected_step, validation=result.validation,
+                       validated_on=validation_metric(validation),
+                       notes=recovery_notes(result.before, result.after, result.selected_step, validation))
+    card = ModelCard(budget=config.budget, command=command, metrics_dense=fields_["dense"],
+                     metrics_before=fields_["pruned"], metrics_after=fields_.get("recovered") or {},
+                     comparisons=fields_["comparisons"])
+    export = str(formats.write(model, arch, tokenizer, out, card, config, force))
+    return RecoveryRecord(export=export, **fields_)
+
+
+def _reconstruct_if_better(setup: Setup, arch: Architecture, importance: Importance, measure) -> dict:
+    """Re-fit `setup.model` for `arch` in place, and put the weights back unless that lowers the search windows'
+    perplexity (selected on validation data, as recovery is; the held-out slice without it is measured for the
+    record). Holds a CPU copy of the o_proj / down_proj weights meanwhile."""
+    model, batch = setup.model, setup.config.batch_size
+    with masked(model, arch, importance):
+        fields_ = {"unreconstructed": measure(model)}
+        before = perplexity(model, setup.search_windows, batch)
+    saved = output_projections(model)
+    started = time.perf_counter()
+    reconstruct(model, arch, importance, setup.calibration, reconstruction_settings(setup.config))
+    fields_["reconstruction_seconds"] = round(time.perf_counter() - started, 1)
+    after = perplexity(model, setup.search_windows, batch)  # removed columns are zero: this is the pruned model
+    if not after < before:
+        restore(saved)
+    return {**fields_, "reconstruction_search": (before, after)}
+
+
+def recovery_notes(before: Evaluation, after: Evaluation, selected_step: int,
+                   validation: EvalData) -> tuple[str, ...]:
+    """Notes on where the exported model is not simply better than the sliced one."""
+    notes = []
+    if selected_step == 0:
+        what = "the task margin on its search examples" if validation.tasks else "the search windows' perplexity"
+        notes.append(f"no recovery step improved {what}: the sliced model is exported untuned")
+    if before.task_accuracy is not None and after.task_accuracy < before.task_accuracy:
+        notes.append(f"held-out task accuracy is lower after recovery ({before.task_accuracy:.3f} sliced, "
+                     f"{after.task_accuracy:.3f} exported)")
+    if after.perplexity > before.perplexity:
+        notes.append(f"held-out perplexity is worse after recovery ({before.perplexity:.3f} sliced, "
+                     f"{after.perplexity:.3f} exported): the held-out text differs from the training and search "
+                     "text; try fewer --recover-steps, --distill 0, or --domain with text like the held-out one")
+    return tuple(notes)
+
+
+def export_from_run(run_dir: Path, out: Path, overrides: Mapping, trial: int | None = None, force: bool = False,
+                    command: str = "python -m search.export") -> RecoveryRecord:
+    """Export a finished run's best architecture (or `trial`'s) to `out`, with the run's settings and `overrides`
+    (RunConfig fields: format, reconstruction, recovery); RunDirectoryError where the run or trial is not there."""
+    layout = RunLayout(Path(run_dir))
+    if not layout.config.exists():
+        raise RunDirectoryError(f"{layout.config} not found; --run must be a directory made by search.run")
+    config = replace(RunConfig(**json.loads(layout.config.read_text())), out=str(layout.root), **overrides)
+    arch = run_architecture(layout, config, trial)
+    if Path(out).exists() and not force:
+        raise RunDirectoryError(f"{out} already exists; choose another --out or pass --force")
+    setup = prepare(config)
+    importance = load_or_compute(setup.model, setup.calibration, config.importance, layout.root,
+                                 config.batch_size)  # the search's scores: taylor's depend on the batch
+    return recover_and_export(setup, importance, arch, Path(out), command, force)
+
+
+def run_architecture(layout: RunLayout, config: RunConfig, trial: int | None) -> Architecture:
+    """The run's best architecture, or with `trial` that trial's."""
+    if trial is None:
+        if not layout.best_architecture.exists():
+            raise RunDirectoryError(f"{layout.best_architecture} not found; finish the search or pass --trial")
+        return Architecture.from_json(layout.best_architecture.read_text())
+    study = optuna.load_study(study_name=layout.study_name(config), storage=layout.storage_url(config))
+    trials = [t for t in study.trials if t.number == trial]
+    arch = trial_architecture(trials[0]) if trials else None
+    if arch is None:
+        raise RunDirectoryError(f"trial {trial} has no measured architecture in {layout.root}; "
+                                "pick one from the dashboard")
+    return arch
