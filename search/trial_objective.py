@@ -28,6 +28,11 @@ from search.space import SearchSpace
 from search.trials import architecture_json, to_loss, write_candidate, write_outcome
 
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
+# Two workers that propose the same candidate at once both give way (below). Started together on the same
+# seed, they would then propose the same next candidate too, and again, until the study is full of pruned
+# trials: each waits this long times (1 + its trial number mod 4) before giving way, so the next proposals
+# are made apart and the second sees the first's parameters.
+GIVE_WAY_S = 0.25
 
 
 @dataclass
@@ -70,14 +75,16 @@ def propose(trial: optuna.Trial, space: SearchSpace) -> Architecture:
     if not space.fits(arch):  # samplers other than ours propose off-budget points
         arch = space.project(*space.fractions(arch))
     write_candidate(trial, arch, WORKER)
-    duplicate = _holder(trial, arch.to_json())
+    duplicate, running = _holder(trial, arch.to_json())
     if duplicate is not None:
+        if running:  # another worker's, proposed at the same moment: fall out of step with it
+            time.sleep(GIVE_WAY_S * (1 + trial.number % 4))
         raise optuna.TrialPruned(f"architecture already held by trial {duplicate}")
     return arch
 
 
-def _holder(trial: optuna.Trial, arch_json: str) -> int | None:
-    """Number of another running or completed trial that holds the same architecture.
+def _holder(trial: optuna.Trial, arch_json: str) -> tuple[int | None, bool]:
+    """(number, whether it is running) of another running or completed trial that holds the same architecture.
 
     Called after this trial wrote its own architecture, so of two workers racing on one
     architecture the later check always sees the earlier write: at worst both give way,
@@ -85,8 +92,8 @@ def _holder(trial: optuna.Trial, arch_json: str) -> int | None:
     """
     for other in trial.study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.COMPLETE)):
         if other.number != trial.number and architecture_json(other) == arch_json:
-            return other.number
-    return None
+            return other.number, other.state == TrialState.RUNNING
+    return None, False
 
 
 def _free_memory() -> None:

@@ -92,3 +92,35 @@ def test_failed_and_pruned_trials_are_not_measurements():
     assert [m.number for m in measurements(study)] == [0]
     record = Measurement.from_trial(study.trials[1])
     assert record.error == "out of memory" and record.value is None and not record.ok
+
+
+def test_two_trials_proposing_one_candidate_both_give_way_each_after_its_own_wait():
+    """Two workers on one seed propose the same candidate at the same moment: neither measures it, and each
+    waits a time that depends on its trial number, so their next proposals are made apart (without the wait
+    the pair stayed in step and filled a shared study with pruned trials)."""
+    import time
+
+    from search.space import SearchSpace
+    from search.trial_objective import GIVE_WAY_S, propose
+
+    space = SearchSpace(SPEC, int(Architecture.full(SPEC).params() * 0.8))
+    candidate = space.uniform()
+    study = optuna.create_study()
+    for _ in range(3):
+        study.enqueue_trial(space.to_params(candidate))
+    first, second = study.ask(), study.ask()  # both running, as two workers' trials are
+    for trial in (first, second):  # both wrote the candidate before either checks (propose writes it again)
+        write_candidate(trial, candidate, "host:1")
+    waits = []
+    for trial in (first, second):
+        began = time.perf_counter()
+        with pytest.raises(optuna.TrialPruned, match="already held by trial"):
+            propose(trial, space)
+        waits.append(time.perf_counter() - began)
+    assert waits[0] >= GIVE_WAY_S * 1 and waits[1] >= GIVE_WAY_S * 2
+    # a completed holder is no race: the duplicate gives way at once
+    study.tell(first, 1.0)
+    began = time.perf_counter()
+    with pytest.raises(optuna.TrialPruned):
+        propose(study.ask(), space)
+    assert time.perf_counter() - began < GIVE_WAY_S

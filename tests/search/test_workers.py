@@ -118,12 +118,7 @@ def postgres_url():
     admin.close()
 
 
-INTERMITTENT = pytest.mark.xfail(strict=False, reason="intermittent since 2026-12-03: one worker ends with every "
-                                 "trial failed or pruned (cause not found yet; passes alone)")
-
-
-@pytest.mark.parametrize("backend", [pytest.param("postgresql", marks=[pytest.mark.postgres, INTERMITTENT]),
-                                     "journal"])
+@pytest.mark.parametrize("backend", [pytest.param("postgresql", marks=pytest.mark.postgres), "journal"])
 def test_two_worker_processes_share_one_study(backend, tiny_model_dir, evaluation, tmp_path, request):
     storage = request.getfixturevalue("postgres_url") if backend == "postgresql" else f"journal:{tmp_path}/journal.log"
     name = f"workers-{uuid.uuid4().hex[:12]}"
