@@ -289,7 +289,7 @@ def plot(rows: list[Row], dense_ppl: float, path: Path, title: str) -> None:
 # ------------------------------------------------------------------------------------------ main
 
 
-def build_parser() -> argparse.ArgumentParser:
+def compare_parser() -> argparse.ArgumentParser:
     d = RunConfig()
     p = argparse.ArgumentParser(prog="python -m experiments.compare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -320,7 +320,7 @@ def kept_budget(removed: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = compare_parser().parse_args(argv)
     args.search_args = [a for a in args.search_args if a != "--"]
     out = Path(args.out)
     try:
