@@ -27,7 +27,7 @@ from experiments.reconstruct_study import memory_bound
 from pruning.importance import compute_importance
 from pruning.masking import masked
 from pruning.metrics import perplexity
-from pruning.reconstruct import ReconstructionConfig, reconstruct
+from pruning.reconstruct import DEFAULT_DAMP, ReconstructionConfig, reconstruct
 from search.config import RunConfig
 from search.setup import USER_ERRORS, prepare
 
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     with masked(model, arch, importance):
         perplexity(model, setup.search_windows, batch)
     trial = time.perf_counter() - started
-    settings = ReconstructionConfig(damp=config.reconstruct_damp, batch_size=batch)
+    settings = ReconstructionConfig(damp=config.reconstruct_damp or DEFAULT_DAMP, batch_size=batch)
     started = time.perf_counter()
     with PeakTensorMemory() as tracker:
         reconstruct(model, arch, importance, setup.calibration, settings)

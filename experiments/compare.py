@@ -51,7 +51,6 @@ from pruning.compensation import input_means
 from pruning.files import write_atomic
 from pruning.importance import compute_importance, load_or_compute
 from pruning.metrics import perplexity
-from pruning.reconstruct import reconstruct
 from pruning.sensitivity import Grid, measure_sensitivity
 from pruning.slicing import slice_model
 from search.budget import BudgetError, parse_budget
@@ -59,7 +58,7 @@ from search.cli_args import parse_config
 from search.config import ConfigError, RunConfig
 from search.knapsack import knapsack
 from search.pipeline import open_run_study, run_search
-from search.recovery import dense_teacher, reconstruction_settings, recovery_settings, text_domains
+from search.recovery import dense_teacher, recovery_settings, refit_selected, text_domains
 from search.report import RunSummary
 from search.runner import table_windows
 from search.setup import USER_ERRORS, Setup, prepare
@@ -164,9 +163,8 @@ def search_seconds(summary: RunSummary) -> float:
 def cut(ctx: Context, arch: Architecture, importance, means=None, rebuild: bool = False):
     """(a sliced copy of the dense model, seconds spent re-fitting it); `rebuild`: reconstruct before slicing."""
     model, seconds = copy.deepcopy(ctx.setup.model), 0.0
-    if rebuild:
-        settings = reconstruction_settings(ctx.setup.config)
-        _, seconds = timed(lambda: reconstruct(model, arch, importance, ctx.setup.calibration, settings))
+    if rebuild:  # as the export does: each damping tried, the best on the search windows kept (if it helps)
+        seconds = refit_selected(model, arch, importance, ctx.setup).seconds
     return slice_model(model, arch, importance, means), seconds
 
 

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 
@@ -15,8 +16,10 @@ def default_device() -> torch.device:
 
 
 @torch.inference_mode()
-def perplexity(model: PreTrainedModel, windows: torch.Tensor, batch_size: int = 8, token_chunk: int = 4096) -> float:
-    """exp(mean next-token NLL) over `windows` (N, T); bf16 autocast on CUDA.
+def perplexity(model: PreTrainedModel, windows: torch.Tensor, batch_size: int = 8, token_chunk: int = 4096,
+               progress: str | None = None) -> float:
+    """exp(mean next-token NLL) over `windows` (N, T); bf16 autocast on CUDA. `progress`: show a progress bar
+    with this label (for the long held-out measurements of a real model).
 
     The LM head runs on chunks of `token_chunk` positions so (B*T, vocab) logits of
     a large-vocabulary model are never materialised at once.
@@ -25,7 +28,8 @@ def perplexity(model: PreTrainedModel, windows: torch.Tensor, batch_size: int = 
     head = model.get_output_embeddings()
     total, count = 0.0, 0
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        for start in range(0, len(windows), batch_size):
+        starts = range(0, len(windows), batch_size)
+        for start in tqdm(starts, desc=progress, unit="batch", leave=False, disable=progress is None):
             batch = windows[start : start + batch_size].to(device)
             hidden = model.get_decoder()(input_ids=batch).last_hidden_state[:, :-1]  # (B, T-1, H)
             hidden, targets = hidden.reshape(-1, hidden.shape[-1]), batch[:, 1:].reshape(-1)

@@ -42,6 +42,9 @@ from pruning.data import evenly_spaced
 from pruning.importance import Importance
 
 DEFAULT_DAMP = 1e-4  # chosen on the reference model's search windows (experiments.reconstruct_study)
+# what an export tries, keeping the best on the search windows: SmolLM2's searched 35% slice wants more damping
+# than the reference model (see search.recovery.refit_selected)
+DAMP_CHOICES = (1e-4, 1e-2, 1e-1)
 # "self" is the default: the drift-paying "dense" target is far better for fixed-ratio rules on the reference model
 # but slightly worse for searched architectures there, and on SmolLM2 (fewer calibration tokens per kept input)
 # it over-fits: 20% uniform, search windows 330 raw, 335 "self", 1,153 "dense" (experiments/results/reconstruction.md)

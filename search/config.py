@@ -11,7 +11,7 @@ from pathlib import Path
 
 from finetune.gguf import GGUF_TYPES
 from pruning import reference
-from pruning.reconstruct import DEFAULT_DAMP, TARGETS
+from pruning.reconstruct import DAMP_CHOICES, TARGETS
 from search import formats, objectives, samplers
 
 PREDICTOR_TARGETS = ("value", "margin")  # what the predictor learns: the objective's value, or the task margin
@@ -94,8 +94,10 @@ class RunConfig:
     reconstruct: bool = option(True, "re-fit each layer's o_proj and down_proj on calibration activations so its "
                                "output stays close to the dense weights' (least squares, layer by layer; no "
                                "parameter added)", group="reconstruction")
-    reconstruct_damp: float = option(DEFAULT_DAMP, "ridge damping of the re-fit, a share of the mean input energy",
-                                     group="reconstruction")
+    reconstruct_damp: float | None = option(None, "ridge damping of the re-fit, a share of the mean input energy",
+                                            group="reconstruction", default_help="each of "
+                                            f"{', '.join(f'{d:g}' for d in DAMP_CHOICES)}, the best on the search "
+                                            "windows kept")
     reconstruct_target: str = option("self", "self: fit the dense weights' output on the pruned model's inputs; "
                                      "dense: fit the dense model's output plus the residual stream's drift (runs "
                                      "the dense model alongside; better for heavy fixed-ratio pruning of the "
@@ -146,7 +148,8 @@ class RunConfig:
                 self.device in ("auto", "cpu") or self.device.startswith("cuda"),
                 f"--device must be auto, cpu or cuda[:N], got {self.device!r}",
             ),
-            (self.reconstruct_damp > 0, f"--reconstruct-damp must be positive, got {self.reconstruct_damp}"),
+            (self.reconstruct_damp is None or self.reconstruct_damp > 0,
+             f"--reconstruct-damp must be positive, got {self.reconstruct_damp}"),
             (self.reconstruct_target in TARGETS,
              f"--reconstruct-target must be one of {', '.join(TARGETS)}, got {self.reconstruct_target!r}"),
             (self.recover_steps >= 0, f"--recover-steps must be >= 0, got {self.recover_steps}"),

@@ -20,7 +20,14 @@ from pruning.architecture import Architecture
 from pruning.importance import Importance, load_or_compute
 from pruning.masking import masked
 from pruning.metrics import perplexity
-from pruning.reconstruct import ReconstructionConfig, output_projections, reconstruct, restore
+from pruning.reconstruct import (
+    DAMP_CHOICES,
+    DEFAULT_DAMP,
+    ReconstructionConfig,
+    output_projections,
+    reconstruct,
+    restore,
+)
 from pruning.slicing import slice_model
 from search import formats
 from search.config import RunConfig, RunLayout
@@ -55,8 +62,9 @@ class RecoveryRecord:
     comparisons: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # uniform, knapsack, searched...
     unreconstructed: Mapping[str, float] | None = None  # the same slice without reconstruction; None: not run
     reconstruction_seconds: float | None = None
-    # the search windows' perplexity (without, with) the re-fit: it is kept only where it lowers it
+    # the search windows' perplexity (without, with) the best re-fit: it is kept only where it lowers it
     reconstruction_search: tuple[float, float] | None = None
+    reconstruction_damps: tuple[tuple[float, float], ...] = ()  # (damp, search-window perplexity) of each re-fit
 
     @property
     def reconstruction_kept(self) -> bool:
@@ -67,6 +75,8 @@ class RecoveryRecord:
         object.__setattr__(self, "notes", tuple(self.notes))
         if self.reconstruction_search is not None:
             object.__setattr__(self, "reconstruction_search", tuple(map(float, self.reconstruction_search)))
+        object.__setattr__(self, "reconstruction_damps", tuple((float(d), float(p)) for d, p in
+                                                               self.reconstruction_damps))
 
     @property
     def final(self) -> Mapping[str, float]:
@@ -86,12 +96,29 @@ class RecoveryRecord:
         return cls(**data)
 
 
+@dataclass(frozen=True)
+class Refit:
+    """What `refit_selected` measured: the search windows' perplexity of the slice without a re-fit and with one
+    at each damping tried, and the seconds all of it took."""
+
+    without: float
+    tried: tuple[tuple[float, float], ...]  # (damp, search-window perplexity)
+    seconds: float
+
+    @property
+    def damp(self) -> float | None:
+        """The damping kept: the one with the lowest perplexity, where it is below `without`; else None."""
+        damp, ppl = min(self.tried, key=lambda t: t[1])
+        return damp if ppl < self.without else None
+
+
 class RunDirectoryError(ValueError):
     """--run, --trial or --out do not name what they must (the CLI prints it and exits 2)."""
 
 
 def reconstruction_settings(config: RunConfig) -> ReconstructionConfig:
-    return ReconstructionConfig(damp=config.reconstruct_damp, batch_size=config.batch_size,
+    """The re-fit a run asks for; without --reconstruct-damp, at DEFAULT_DAMP (`refit_selected` tries them all)."""
+    return ReconstructionConfig(damp=config.reconstruct_damp or DEFAULT_DAMP, batch_size=config.batch_size,
                                 target=config.reconstruct_target)
 
 
@@ -170,22 +197,38 @@ def recover_and_export(setup: Setup, importance: Importance, arch: Architecture,
     return RecoveryRecord(export=export, **fields_)
 
 
-def _reconstruct_if_better(setup: Setup, arch: Architecture, importance: Importance, measure) -> dict:
-    """Re-fit `setup.model` for `arch` in place, and put the weights back unless that lowers the search windows'
-    perplexity (selected on validation data, as recovery is; the held-out slice without it is measured for the
-    record). Holds a CPU copy of the o_proj / down_proj weights meanwhile."""
-    model, batch = setup.model, setup.config.batch_size
+def refit_selected(model, arch: Architecture, importance: Importance, setup: Setup) -> Refit:
+    """Re-fit `model` (full-size, dense weights) for `arch` in place at each damping the run allows (its
+    --reconstruct-damp, or every one of DAMP_CHOICES) and keep the one with the lowest search-window perplexity;
+    where none lowers the unfitted slice's, the dense weights are put back. Selected on validation data, as
+    recovery is. Holds a CPU copy of the o_proj / down_proj weights meanwhile."""
+    config, windows = setup.config, setup.search_windows
     with masked(model, arch, importance):
-        fields_ = {"unreconstructed": measure(model)}
-        before = perplexity(model, setup.search_windows, batch)
+        without = perplexity(model, windows, config.batch_size)
     saved = output_projections(model)
-    started = time.perf_counter()
-    reconstruct(model, arch, importance, setup.calibration, reconstruction_settings(setup.config))
-    fields_["reconstruction_seconds"] = round(time.perf_counter() - started, 1)
-    after = perplexity(model, setup.search_windows, batch)  # removed columns are zero: this is the pruned model
-    if not after < before:
+    began, tried = time.perf_counter(), []
+    for damp in DAMP_CHOICES if config.reconstruct_damp is None else (config.reconstruct_damp,):
         restore(saved)
-    return {**fields_, "reconstruction_search": (before, after)}
+        reconstruct(model, arch, importance, setup.calibration, replace(reconstruction_settings(config), damp=damp))
+        tried.append((damp, perplexity(model, windows, config.batch_size)))  # removed columns are zero: pruned
+    refit = Refit(without, tuple(tried), 0.0)
+    if refit.damp is None:
+        restore(saved)
+    elif refit.damp != tried[-1][0]:  # the best was not the last one tried: fit it again
+        restore(saved)
+        reconstruct(model, arch, importance, setup.calibration,
+                    replace(reconstruction_settings(config), damp=refit.damp))
+    return replace(refit, seconds=round(time.perf_counter() - began, 1))
+
+
+def _reconstruct_if_better(setup: Setup, arch: Architecture, importance: Importance, measure) -> dict:
+    """`refit_selected` on the run's model, with the held-out slice without it measured for the record."""
+    with masked(setup.model, arch, importance):
+        unreconstructed = measure(setup.model)
+    refit = refit_selected(setup.model, arch, importance, setup)
+    best = min(ppl for _, ppl in refit.tried)
+    return {"unreconstructed": unreconstructed, "reconstruction_seconds": refit.seconds,
+            "reconstruction_search": (refit.without, best), "reconstruction_damps": refit.tried}
 
 
 def recovery_notes(before: Evaluation, after: Evaluation, selected_step: int,

@@ -17,6 +17,8 @@ from __future__ import annotations
 import shlex
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import optuna
@@ -139,6 +141,17 @@ def rival_architectures(setup: Setup, importance: Importance, tables: Tables) ->
     return rivals
 
 
+def held_out_metrics(setup: Setup, name: str) -> dict[str, float]:
+    """The model's held-out perplexity and, for an objective other than perplexity, its metrics (`name`: the
+    model, for the progress bar)."""
+    out = {"perplexity": perplexity(setup.model, setup.held_out_windows, setup.config.batch_size,
+                                    progress=f"held-out: {name}")}
+    if setup.config.objective != "perplexity":
+        objective = setup.objective("held_out")
+        out.update(objective(setup.model).flat(objective.name))
+    return out
+
+
 class SearchRun:
     """One run of `python -m search.run`, for the CLI, `search.pipeline` and the experiments.
 
@@ -149,20 +162,35 @@ class SearchRun:
     def __init__(self, config: RunConfig, windows: int | None = None, command: str | None = None) -> None:
         self.config, self.windows, self.command = config, windows, command
         self.started = time.time()
+        self.stage_seconds: dict[str, float] = {}  # this invocation's wall time per stage (a resume redoes little)
 
     def run(self) -> RunSummary:
         return self.complete(self.prepare())
 
     def complete(self, prepared: Prepared) -> RunSummary:
-        started = self.start(prepared, self.tables(prepared))
-        baselines = self.baselines(started)
-        summary = self.summarise(started, baselines, self.search(started))
+        with self._stage("tables"):
+            tables = self.tables(prepared)
+        started = self.start(prepared, tables)
+        with self._stage("baselines (held-out)"):
+            baselines = self.baselines(started)
+        with self._stage("trials"):
+            searched = self.search(started)
+        summary = self.summarise(started, baselines, searched)
         return self.export(started, summary) if started.setup.config.export else summary
+
+    @contextmanager
+    def _stage(self, name: str) -> Iterator[None]:
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stage_seconds[name] = round(self.stage_seconds.get(name, 0.0) + time.perf_counter() - began, 1)
 
     def prepare(self) -> Prepared:
         """Check the input, then open the run directory, its study and importance scores (resuming each); on a
         fresh directory, an error leaves nothing behind."""
-        setup = prepare(self.config)
+        with self._stage("load and check"):
+            setup = prepare(self.config)
         layout, config = setup.layout, setup.config
         fresh = not layout.root.exists()
         layout.root.mkdir(parents=True, exist_ok=True)
@@ -172,8 +200,9 @@ class SearchRun:
             storage = open_storage(layout.storage_url(config))
             direction = objective_class(config.objective).direction
             study = open_study(storage, layout.study_name(config), None, identity(setup), direction)
-            importance = load_or_compute(setup.model, setup.calibration, config.importance, layout.root,
-                                         config.batch_size)
+            with self._stage("importance"):
+                importance = load_or_compute(setup.model, setup.calibration, config.importance, layout.root,
+                                             config.batch_size)
         except BaseException:
             if fresh:
                 shutil.rmtree(layout.root, ignore_errors=True)
@@ -229,21 +258,12 @@ class SearchRun:
         if record.baselines and (record.has_objective_baselines or not wanted_objective):
             return Baselines({name: dict(metrics) for name, metrics in record.baselines.items()})
         rivals = rival_architectures(setup, started.importance, started.tables)
-        metrics = {"base": self._held_out(setup)}
+        metrics = {"base": held_out_metrics(setup, "base")}
         for name, arch in rivals:
             with masked(setup.model, arch, started.importance):
-                metrics[name] = self._held_out(setup)
+                metrics[name] = held_out_metrics(setup, name)
         StudyRecord(baselines=metrics).to_study(study)
         return Baselines(metrics)
-
-    @staticmethod
-    def _held_out(setup: Setup) -> dict[str, float]:
-        """The model's held-out perplexity and, for an objective other than perplexity, its metrics."""
-        out = {"perplexity": perplexity(setup.model, setup.held_out_windows, setup.config.batch_size)}
-        if setup.config.objective != "perplexity":
-            objective = setup.objective("held_out")
-            out.update(objective(setup.model).flat(objective.name))
-        return out
 
     def search(self, started: Started) -> Searched:
         """Trials until the study holds `config.trials` measurements, whichever worker makes them."""
@@ -272,8 +292,8 @@ class SearchRun:
         the summary (JSON, Markdown, dashboard note and plots) and the best architecture."""
         setup, study, c = started.setup, started.study, started.setup.config
         arch = searched.architecture
-        with masked(setup.model, arch, started.importance):
-            values = {**baselines.metrics, "searched": self._held_out(setup)}
+        with self._stage("summary (held-out)"), masked(setup.model, arch, started.importance):
+            values = {**baselines.metrics, "searched": held_out_metrics(setup, "searched")}
         self._fit_predictor(started)
         complete = count_trials(study, TrialState.COMPLETE)
         failed = sum(t.state == TrialState.FAIL and is_measurement(t) for t in study.trials)
@@ -288,6 +308,7 @@ class SearchRun:
             windows_evaluated=tables_cost(study) + (complete + failed) * len(setup.search_windows),
             predictor_kendall_tau=tau, predictor_pairs=pairs, wall_time_s=round(time.time() - self.started, 1),
             objective=objective.name, objective_direction=objective.direction, objective_values=values,
+            stage_seconds=dict(self.stage_seconds),
         )
         write_atomic(setup.layout.best_architecture, arch.to_json())
         self._write(started, summary)
@@ -312,10 +333,12 @@ class SearchRun:
         arch = Architecture.from_json(layout.best_architecture.read_text())
         command = self.command or "python -m search.run " + shlex.join(["--out", str(layout.root)])
         comparisons = {name: values for name, values in summary.objective_values.items() if name != "base"}
-        record = recover_and_export(setup, started.importance, arch, layout.export_path(setup.config), command,
-                                    force=True, comparisons=comparisons)
+        with self._stage("export (re-fit, LoRA, write)"):
+            record = recover_and_export(setup, started.importance, arch, layout.export_path(setup.config), command,
+                                        force=True, comparisons=comparisons)
         StudyRecord(recovery=record.to_dict()).to_study(started.study)
-        summary = replace(summary, recovery=record, wall_time_s=round(time.time() - self.started, 1))
+        summary = replace(summary, recovery=record, wall_time_s=round(time.time() - self.started, 1),
+                          stage_seconds=dict(self.stage_seconds))
         self._write(started, summary)
         return summary
 

@@ -52,7 +52,8 @@ def test_recover_architecture_slices_and_exports_any_architecture(tiny_model_dir
                                                                      rel=1e-5)
     from pruning.reconstruct import ReconstructionConfig, reconstructed
 
-    with reconstructed(setup.model, arch, importance, setup.calibration, ReconstructionConfig()):
+    damp = min(record.reconstruction_damps, key=lambda t: t[1])[0]  # the best on the search windows
+    with reconstructed(setup.model, arch, importance, setup.calibration, ReconstructionConfig(damp=damp)):
         refitted = perplexity(setup.model, setup.held_out_windows)
         assert record.reconstruction_search[1] == pytest.approx(perplexity(setup.model, setup.search_windows),
                                                                  rel=1e-5)

@@ -45,6 +45,11 @@ def test_run_writes_everything_a_person_needs(finished_run):
     assert summary["dashboard"] == f"optuna-dashboard sqlite:///{out}/study.db"
     complete = load(out).get_trials(states=(TrialState.COMPLETE,))
     assert summary["best_trial"] == min(complete, key=lambda t: t.value).number
+    # where the time went, every stage of this invocation, in order; the summary prints it
+    stages = ["load and check", "importance", "tables", "baselines (held-out)", "trials", "summary (held-out)",
+              "export (re-fit, LoRA, write)"]
+    assert list(summary["stage_seconds"]) == stages and all(v >= 0 for v in summary["stage_seconds"].values())
+    assert "Time by stage: load and check " in (out / "summary.md").read_text()
 
 
 @pytest.mark.slow
@@ -91,22 +96,28 @@ def test_run_exports_the_recovered_best_model(finished_run):
     # the slice was re-fitted (pruning.reconstruct on the calibration windows) before tuning, and both are recorded
     from pruning.importance import load_or_compute
     from pruning.masking import masked
-    from pruning.reconstruct import ReconstructionConfig, reconstructed
+    from pruning.reconstruct import DAMP_CHOICES, ReconstructionConfig, reconstructed
 
     arch = Architecture.from_json((finished_run / "best_architecture.json").read_text())
     importance = load_or_compute(setup.model, setup.calibration, "wanda", finished_run)
     with masked(setup.model, arch, importance):
         assert recovery["unreconstructed"]["perplexity"] == pytest.approx(perplexity(setup.model, held_out), rel=1e-5)
         unfitted_search = perplexity(setup.model, setup.search_windows)
-    with reconstructed(setup.model, arch, importance, setup.calibration, ReconstructionConfig()):
-        refitted = perplexity(setup.model, held_out)
-        refitted_search = perplexity(setup.model, setup.search_windows)
-    # the re-fit is kept only where it lowers the search windows' perplexity (validation data, as recovery selects)
+    refits = {}  # damp -> (held-out, search windows) perplexity of the re-fit slice, at every damping tried
+    for damp in DAMP_CHOICES:
+        with reconstructed(setup.model, arch, importance, setup.calibration, ReconstructionConfig(damp=damp)):
+            refits[damp] = perplexity(setup.model, held_out), perplexity(setup.model, setup.search_windows)
+    assert recovery["reconstruction_damps"] == pytest.approx([[d, refits[d][1]] for d in DAMP_CHOICES], rel=1e-5)
+    # the best re-fit on the search windows is kept, and only where it lowers their perplexity (validation data,
+    # as recovery selects)
+    best = min(DAMP_CHOICES, key=lambda d: refits[d][1])
+    refitted, refitted_search = refits[best]
     assert recovery["reconstruction_search"] == pytest.approx([unfitted_search, refitted_search], rel=1e-5)
     kept = refitted_search < unfitted_search
     expected = refitted if kept else recovery["unreconstructed"]["perplexity"]
     assert recovery["pruned"]["perplexity"] == pytest.approx(expected, rel=1e-5)
-    assert (f"reconstructed in {recovery['reconstruction_seconds']:.0f} s; " in markdown) == kept
+    assert (f"reconstructed (damp {best:g}, best of 3 on the search windows) in "
+            f"{recovery['reconstruction_seconds']:.0f} s; " in markdown) == kept
     assert ("so it was undone" in markdown) == (not kept)
     assert load(finished_run).user_attrs["recovery"] == recovery
     assert summary["objective_values"]["searched"] == {"perplexity": summary["best_perplexity"]}
@@ -489,3 +500,11 @@ def test_gguf_target_sets_the_ffn_step_and_the_export_path(tmp_path):
     assert RunConfig(export_format="gguf", gguf_type="f16").ffn_step == 8
     assert RunLayout(tmp_path).export_path(RunConfig(export_format="gguf")) == tmp_path / "model.gguf"
     assert RunLayout(tmp_path).export_path(RunConfig()) == tmp_path / "model"
+
+
+def test_the_refit_kept_is_the_best_damping_on_the_search_windows_and_only_where_it_helps():
+    from search.recovery import Refit
+
+    tried = ((1e-4, 9.0), (1e-2, 8.5), (1e-1, 8.7))
+    assert Refit(10.0, tried, 1.0).damp == 1e-2
+    assert Refit(8.5, tried, 1.0).damp is None  # no damping lowers the unfitted slice's perplexity
