@@ -99,6 +99,7 @@ class Context:
     recovery: dict | None  # keyword arguments of finetune.recover for every method; None: --recover-steps 0
     out: Path  # where results and the sensitivity table's cache go
     measured: dict = field(default_factory=dict)  # name -> (result, seconds): one calibration pass each
+    last_refit: object = None  # the `search.recovery.Refit` of the latest re-fit row
 
     def once(self, name: str, compute):
         """`compute()` and its seconds, run on the first call only: the scores serve every budget."""
@@ -164,7 +165,8 @@ def cut(ctx: Context, arch: Architecture, importance, means=None, rebuild: bool 
     """(a sliced copy of the dense model, seconds spent re-fitting it); `rebuild`: reconstruct before slicing."""
     model, seconds = copy.deepcopy(ctx.setup.model), 0.0
     if rebuild:  # as the export does: each damping tried, the best on the search windows kept (if it helps)
-        seconds = refit_selected(model, arch, importance, ctx.setup).seconds
+        ctx.last_refit = refit_selected(model, arch, importance, ctx.setup)
+        seconds = ctx.last_refit.seconds
     return slice_model(model, arch, importance, means), seconds
 
 
@@ -210,6 +212,9 @@ def prune_method(method: str, ctx: Context, space: SearchSpace, summary: RunSumm
 def measure(method: str, removed: str, ctx: Context, space: SearchSpace, summary: RunSummary | None,
             seed: int = 0, rebuild: bool = False) -> Row:
     model, seconds, measured, note, windows = prune_method(method, ctx, space, summary, rebuild)
+    if rebuild:
+        damp = ctx.last_refit.damp
+        note += f"; re-fit at damp {damp:g}" if damp else "; re-fit not kept (no damping lowered the search windows)"
     params = sum(p.numel() for p in model.parameters())
     if params > space.budget:
         raise AssertionError(f"{method} kept {params:,} parameters, over the budget {space.budget:,}")

@@ -95,6 +95,8 @@ class Baselines:
 
 @dataclass(frozen=True)
 class Searched:
+    """The study's best trial (in its direction; ties broken by the loss) and its architecture."""
+
     best: FrozenTrial
     architecture: Architecture
 

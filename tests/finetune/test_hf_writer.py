@@ -120,7 +120,14 @@ def round_trip(tmp_path_factory):
     run = subprocess.run([sys.executable, "-I", "-S", str(script), json.dumps(site_dirs), str(spec)],
                          cwd=root, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
     assert run.returncode == 0, run.stderr[-3000:]
-    return expected, json.loads(run.stdout.strip().splitlines()[-1]), tokenizer
+    results = json.loads(run.stdout.strip().splitlines()[-1])
+    return expected, {**results, "stderr": run.stderr}, tokenizer
+
+
+@pytest.mark.slow  # the round trip: a fresh interpreter loads every export
+def test_loading_an_export_prints_no_warning_about_its_model_type(round_trip):
+    stderr = round_trip[1]["stderr"]
+    assert "You are using a model of type" not in stderr, stderr[-2000:]
 
 
 @pytest.mark.slow  # the round trip: a fresh interpreter loads every export
