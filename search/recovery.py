@@ -70,6 +70,13 @@ class RecoveryRecord:
     def reconstruction_kept(self) -> bool:
         return self.reconstruction_search is not None and self.reconstruction_search[1] < self.reconstruction_search[0]
 
+    @property
+    def reconstruction_damp(self) -> float | None:
+        """The damping of the re-fit kept (the best on the search windows); None where none was kept."""
+        if not (self.reconstruction_kept and self.reconstruction_damps):
+            return None
+        return min(self.reconstruction_damps, key=lambda t: t[1])[0]
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "validation", tuple((int(step), float(ppl)) for step, ppl in self.validation))
         object.__setattr__(self, "notes", tuple(self.notes))
@@ -106,9 +113,14 @@ class Refit:
     seconds: float
 
     @property
+    def best(self) -> tuple[float, float]:
+        """(damp, search-window perplexity) of the re-fit with the lowest perplexity."""
+        return min(self.tried, key=lambda t: t[1])
+
+    @property
     def damp(self) -> float | None:
-        """The damping kept: the one with the lowest perplexity, where it is below `without`; else None."""
-        damp, ppl = min(self.tried, key=lambda t: t[1])
+        """The damping kept: the best one, where its perplexity is below `without`; else None."""
+        damp, ppl = self.best
         return damp if ppl < self.without else None
 
 
@@ -207,8 +219,9 @@ def refit_selected(model, arch: Architecture, importance: Importance, setup: Set
         without = perplexity(model, windows, config.batch_size)
     saved = output_projections(model)
     began, tried = time.perf_counter(), []
-    for damp in DAMP_CHOICES if config.reconstruct_damp is None else (config.reconstruct_damp,):
-        restore(saved)
+    for i, damp in enumerate(DAMP_CHOICES if config.reconstruct_damp is None else (config.reconstruct_damp,)):
+        if i:
+            restore(saved)  # the dense weights again before the next re-fit
         reconstruct(model, arch, importance, setup.calibration, replace(reconstruction_settings(config), damp=damp))
         tried.append((damp, perplexity(model, windows, config.batch_size)))  # removed columns are zero: pruned
     refit = Refit(without, tuple(tried), 0.0)
@@ -226,9 +239,8 @@ def _reconstruct_if_better(setup: Setup, arch: Architecture, importance: Importa
     with masked(setup.model, arch, importance):
         unreconstructed = measure(setup.model)
     refit = refit_selected(setup.model, arch, importance, setup)
-    best = min(ppl for _, ppl in refit.tried)
     return {"unreconstructed": unreconstructed, "reconstruction_seconds": refit.seconds,
-            "reconstruction_search": (refit.without, best), "reconstruction_damps": refit.tried}
+            "reconstruction_search": (refit.without, refit.best[1]), "reconstruction_damps": refit.tried}
 
 
 def recovery_notes(before: Evaluation, after: Evaluation, selected_step: int,

@@ -150,8 +150,7 @@ def _without(r: RecoveryRecord) -> str:
         return (f" not reconstructed: the re-fit ({r.reconstruction_seconds:.0f} s) raised the search windows' "
                 f"perplexity from {before:.3f} to {after:.3f}{f' at best of {tried} dampings' * (tried > 1)}, "
                 "so it was undone")
-    damp = min(r.reconstruction_damps, key=lambda t: t[1])[0] if tried else None
-    how = f" (damp {damp:g}, best of {tried} on the search windows)" if tried > 1 else ""
+    how = f" (damp {r.reconstruction_damp:g}, best of {tried} on the search windows)" if tried > 1 else ""
     return f" reconstructed{how} in {r.reconstruction_seconds:.0f} s; {r.unreconstructed['perplexity']:.3f} without"
 
 
