@@ -1,4 +1,5 @@
-"""Evidence: our searched architecture against uniform, importance-threshold (FLAP) and Torch-Pruning.
+"""Evidence: our searched architecture against uniform, LLM-Pruner-style, importance-threshold (FLAP) and
+Torch-Pruning.
 
     python -m experiments.compare --removed 20% 35% 50% [--model DIR] [--trials 48 | --windows 1536]
                                   [--out runs/compare] [-- search.run arguments, e.g. --seq-len 128 --recover-steps 200]
@@ -7,7 +8,9 @@
 
 For each share of parameters removed, on the same model, calibration and evaluation text:
 
-- uniform:            the same ratio in every layer (LLM-Pruner's and Torch-Pruning's default), Wanda units;
+- uniform:            the same ratio in every layer (Torch-Pruning's default), Wanda units;
+- LLM-Pruner-style:   LLM-Pruner's recipe: Taylor (first-order) unit scores, the same ratio in every layer but the
+                      first 4/32 and the last 2/32 of the depth, which stay whole;
 - threshold:          FLAP's allocation, one global threshold on per-layer standardised fluctuation scores;
 - threshold + bias:   the same, with FLAP's bias compensation (`pruning.compensation`);
 - Torch-Pruning:      its own LLM recipe (`experiments.torch_pruning_peer`), needs `pip install ".[bench]"`;
@@ -65,7 +68,11 @@ from search.setup import USER_ERRORS, Setup, prepare
 from search.space import SearchSpace
 from search.trials import trial_architecture
 
-METHODS = ("uniform", "threshold", "threshold + bias", "Torch-Pruning", "sensitivity knapsack", "searched")
+METHODS = ("uniform", "LLM-Pruner-style", "threshold", "threshold + bias", "Torch-Pruning", "sensitivity knapsack",
+           "searched")
+# LLM-Pruner's LLaMA-7B recipe prunes layers 4-29 of 32 by Taylor importance, every one by the same ratio, and
+# leaves the first 4 and the last 2 whole: the same shares of any model's depth
+LLM_PRUNER_WHOLE = (4 / 32, 2 / 32)
 NOT_RECONSTRUCTED = ("threshold + bias", "Torch-Pruning")  # their own compensation / their own model
 RECONSTRUCTION = {"off": (False,), "on": (True,), "both": (False, True)}
 
@@ -195,7 +202,7 @@ def prune_method(method: str, ctx: Context, space: SearchSpace, summary: RunSumm
         model, extra = cut(ctx, knapsack(space, table), wanda, rebuild=rebuild)
         return (model, seconds + extra, table.measurements(),
                 f"{table.measurements()} sublayer sizes x {table.windows} windows", windows)
-    scores = "wanda" if method == "uniform" else "fluctuation"
+    scores = {"uniform": "wanda", "LLM-Pruner-style": "taylor"}.get(method, "fluctuation")
     importance, seconds = ctx.once(scores, lambda: compute_importance(dense, calibration, scores, batch))
     means = None
     if method == "threshold + bias":
@@ -204,7 +211,10 @@ def prune_method(method: str, ctx: Context, space: SearchSpace, summary: RunSumm
         # The biases cost parameters too: leave room for one per o_proj and down_proj output.
         spec = space.spec
         space = replace(space, budget=space.budget - 2 * spec.num_layers * spec.hidden_size)
-    arch = space.uniform() if method == "uniform" else space.threshold(importance)
+    if method == "LLM-Pruner-style":
+        arch = space.uniform(*(round(share * space.spec.num_layers) for share in LLM_PRUNER_WHOLE))
+    else:
+        arch = space.uniform() if method == "uniform" else space.threshold(importance)
     model, extra = cut(ctx, arch, importance, means, rebuild)
     return model, seconds + extra, 0, f"{scores} scores", 0
 

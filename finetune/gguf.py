@@ -25,8 +25,10 @@ are loaded by both architectures; tied embeddings are written once (llama.cpp
 reuses token_embd as the output).
 
 Weights are f32, f16, or Q8_0 through gguf's own quantizer (2-D tensors; norms and
-biases stay f32). A Q8_0 row must be a multiple of 32 values, so the architecture
-is checked before anything is written. The file is written next to its target and
+biases stay f32). A Q8_0 row must be a multiple of 32 values: FFN widths are padded
+with zero channels to whole blocks (exact, `padded_ffn`; `padding_bytes` says what
+it costs), and the attention rows (heads x head_dim) are checked before anything is
+written. The file is written next to its target and
 renamed into place (`pruning.files.replacing`), so a failure leaves nothing behind.
 """
 
@@ -76,16 +78,31 @@ def block_size(gguf_type: str) -> int:
 
 
 def check_architecture(arch: Architecture, gguf_type: str) -> None:
-    """Raise GGUFExportError unless every weight row of `arch` is a whole number of `gguf_type` blocks."""
+    """Raise GGUFExportError unless every attention row of `arch` is a whole number of `gguf_type` blocks (FFN
+    widths are padded to one, `padded_ffn`)."""
     block, s = block_size(gguf_type), arch.spec
     rows = {"hidden_size": s.hidden_size}
     for i, x in enumerate(arch.layers):
         rows[f"layer {i} query heads * head_dim"] = max(x.query_heads, 1 if i == 0 else 0) * s.head_dim
-        rows[f"layer {i} ffn_channels"] = x.ffn_channels
     bad = {name: n for name, n in rows.items() if n % block}
     if bad:
         raise GGUFExportError(f"GGUF {gguf_type} stores rows in blocks of {block} values, but {bad} are not "
-                              f"multiples of {block}; export as f16 or f32, or search with --ffn-step {block}")
+                              f"multiples of {block}; export as f16 or f32")
+
+
+def padded_ffn(channels: int, gguf_type: str) -> int:
+    """FFN width written for `channels` kept: rounded up to whole blocks with zero channels, which are exact (a
+    zero gate and up row gives silu(0) * 0 = 0, and a zero down column adds nothing); a dropped MLP is written as
+    `ZERO_FFN` zero channels (module docstring)."""
+    block = block_size(gguf_type)
+    return ZERO_FFN if channels == 0 else -(-channels // block) * block
+
+
+def padding_bytes(arch: Architecture, gguf_type: str) -> int:
+    """Bytes the zero FFN channels of `padded_ffn` add to the file (gate, up and down: 3 x hidden values each)."""
+    per_value = {"f32": 4, "f16": 2, "q8_0": 34 / 32}[gguf_type]  # Q8_0: 32 int8 and one f16 scale per block
+    pad = sum(padded_ffn(x.ffn_channels, gguf_type) - x.ffn_channels for x in arch.layers if x.ffn_channels)
+    return round(pad * 3 * arch.spec.hidden_size * per_value)
 
 
 def _permute(w: np.ndarray, head_dim: int) -> np.ndarray:
@@ -97,7 +114,7 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().to("cpu", torch.float32).numpy()
 
 
-def _layer_tensors(parts: adapter.LayerParts, shape, i: int, spec) -> tuple[dict, int, int, int]:
+def _layer_tensors(parts: adapter.LayerParts, shape, i: int, spec, gguf_type: str) -> tuple[dict, int, int, int]:
     """({short name: array}, n_head, n_head_kv, n_ff) of layer `i` as llama.cpp expects it."""
     h, d = spec.hidden_size, spec.head_dim
     out: dict[str, np.ndarray] = {}
@@ -115,18 +132,21 @@ def _layer_tensors(parts: adapter.LayerParts, shape, i: int, spec) -> tuple[dict
         out["attn_norm.weight"] = np.ones(h, np.float32)
         out.update({f"{n}.weight": np.zeros((d, h), np.float32) for n in ("attn_q", "attn_k", "attn_v")})
         out["attn_output.weight"] = np.zeros((h, d), np.float32)
-    n_ff = shape.ffn_channels
+    n_ff = padded_ffn(shape.ffn_channels, gguf_type)
+    pad = n_ff - shape.ffn_channels  # zero channels (`padded_ffn`)
     if shape.mlp_dropped:  # zero FFN: llama.cpp would skip the layer's attention output with n_ff 0
-        n_ff = ZERO_FFN
         out["ffn_norm.weight"] = np.ones(h, np.float32)
         out.update({f"{n}.weight": np.zeros((n_ff, h), np.float32) for n in ("ffn_gate", "ffn_up")})
         out["ffn_down.weight"] = np.zeros((h, n_ff), np.float32)
     else:
         out["ffn_norm.weight"] = _numpy(parts.mlp_norm.weight)
-        for name, lin in (("ffn_gate", parts.gate), ("ffn_up", parts.up), ("ffn_down", parts.down)):
-            out[f"{name}.weight"] = _numpy(lin.weight)
+        for name, lin in (("ffn_gate", parts.gate), ("ffn_up", parts.up)):
+            out[f"{name}.weight"] = np.pad(_numpy(lin.weight), ((0, pad), (0, 0)))
             if lin.bias is not None:
-                out[f"{name}.bias"] = _numpy(lin.bias)
+                out[f"{name}.bias"] = np.pad(_numpy(lin.bias), (0, pad))
+        out["ffn_down.weight"] = np.pad(_numpy(parts.down.weight), ((0, 0), (0, pad)))
+        if parts.down.bias is not None:
+            out["ffn_down.bias"] = _numpy(parts.down.bias)
     return out, n_head, n_kv, n_ff
 
 
@@ -155,7 +175,9 @@ class Vocab:
 
 
 def read_vocab(tokenizer, vocab_size: int) -> Vocab:
-    """Convert a byte-level BPE tokenizer as llama.cpp's converter does; GGUFExportError for any other."""
+    """Convert a byte-level BPE tokenizer as llama.cpp's converter does, one token per embedding row: rows no
+    token has are `[PAD<i>]` (unused), added tokens past the rows are left out (`tokens_left_out`);
+    GGUFExportError for any other tokenizer, or one whose own vocabulary is larger than the embedding."""
     gguf = _gguf()
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
@@ -170,10 +192,11 @@ def read_vocab(tokenizer, vocab_size: int) -> Vocab:
         pre = _tokenizer_pre(data)
         special = gguf.SpecialVocab(tmp, load_merges=True, n_vocab=vocab_size)
     vocab, added = tokenizer.get_vocab(), tokenizer.added_tokens_decoder
-    if max(vocab.values()) >= vocab_size:
-        raise GGUFExportError(f"the tokenizer has ids up to {max(vocab.values())} but the model only "
+    beyond = [i for i in vocab.values() if i >= vocab_size and i not in added]
+    if beyond:
+        raise GGUFExportError(f"the tokenizer has ids up to {max(beyond)} but the model only "
                               f"{vocab_size} embeddings; export the tokenizer the model was trained with")
-    reverse = {i: t for t, i in vocab.items()}
+    reverse = {i: t for t, i in vocab.items() if i < vocab_size}  # added tokens past the embedding: left out
     tokens, types = [], []
     for i in range(vocab_size):
         if i not in reverse:
@@ -185,6 +208,12 @@ def read_vocab(tokenizer, vocab_size: int) -> Vocab:
             types.append(gguf.TokenType.CONTROL if special_token else
                          gguf.TokenType.USER_DEFINED if i in added else gguf.TokenType.NORMAL)
     return Vocab(pre, tuple(tokens), tuple(types), special)
+
+
+def tokens_left_out(tokenizer, vocab_size: int) -> list[str]:
+    """Added tokens with ids past the model's `vocab_size` embeddings (a tokenizer's extra special tokens): they
+    have no embedding row, so were never trained, and the GGUF vocabulary leaves them out."""
+    return [t.content for i, t in sorted(tokenizer.added_tokens_decoder.items()) if i >= vocab_size]
 
 
 def check_export(arch: Architecture, config: PretrainedConfig, tokenizer, gguf_type: str) -> None:
@@ -219,7 +248,8 @@ def _write_model(gguf, writer, arch_name: str, model: PreTrainedModel, arch: Arc
     tensors: dict[str, np.ndarray] = {"token_embd.weight": _numpy(model.get_input_embeddings().weight)}
     heads, kv_heads, ffn = [], [], []
     for i, layer in enumerate(adapter.decoder_layers(model)):
-        layer_tensors, n_head, n_kv, n_ff = _layer_tensors(adapter.layer_parts(layer), arch.layers[i], i, spec)
+        layer_tensors, n_head, n_kv, n_ff = _layer_tensors(adapter.layer_parts(layer), arch.layers[i], i, spec,
+                                                             gguf_type)
         tensors.update({f"blk.{i}.{name}": t for name, t in layer_tensors.items()})
         heads.append(n_head)
         kv_heads.append(n_kv)

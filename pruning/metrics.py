@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -58,18 +59,22 @@ def next_token_logprobs(model: PreTrainedModel, windows: torch.Tensor, batch_siz
 
 @torch.inference_mode()
 def window_losses(
-    model: PreTrainedModel, windows: torch.Tensor, batch_size: int = 8, reference: torch.Tensor | None = None
+    model: PreTrainedModel, windows: torch.Tensor, batch_size: int = 8, reference: torch.Tensor | None = None,
+    logits_of: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, np.ndarray]:
     """Per-window means over the T-1 predicted positions, each (N,):
 
         "nll": -log q(x_t+1 | x_<=t)                        (perplexity = exp(mean of the windows' nll))
         "kl":  sum_v p_v (log p_v - log q_v), p = `reference` (N, T-1, V) log-probs of the dense model
+
+    `logits_of(k, batch)`: the (B, T, V) logits of the k-th batch (B, T) of `windows`; default the model's forward.
     """
     device = next(model.parameters()).device
     nll, kl = [], []
-    for start in range(0, len(windows), batch_size):
+    for k, start in enumerate(range(0, len(windows), batch_size)):
         batch = windows[start : start + batch_size].to(device)
-        logq = torch.log_softmax(model(input_ids=batch).logits[:, :-1].float(), -1)  # (B, T-1, V)
+        logits = model(input_ids=batch).logits if logits_of is None else logits_of(k, batch)
+        logq = torch.log_softmax(logits[:, :-1].float(), -1)  # (B, T-1, V)
         nll.append(-logq.gather(-1, batch[:, 1:, None]).squeeze(-1).mean(-1).double().cpu())
         if reference is not None:
             logp = reference[start : start + batch_size].to(device)

@@ -40,6 +40,7 @@ from pruning import adapter
 from pruning.architecture import Architecture, LayerShape
 from pruning.data import evenly_spaced
 from pruning.importance import Importance
+from pruning.layerwise import Stop, layer_inputs, run_layer
 
 DEFAULT_DAMP = 1e-4  # chosen on the reference model's search windows (experiments.reconstruct_study)
 # what an export tries, keeping the best on the search windows: SmolLM2's searched 35% slice wants more damping
@@ -69,10 +70,6 @@ class ReconstructionConfig:
             raise ValueError(f"windows and batch_size must be at least 1, got {self.windows}, {self.batch_size}")
         if self.target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
-
-
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass once what it needs has been seen."""
 
 
 def kept_inputs(arch: Architecture, importance: Importance, layer: int) -> tuple[torch.Tensor | None, ...]:
@@ -116,34 +113,6 @@ class _Batch:
     dense_mid: torch.Tensor | None = None  # the dense residual stream between attention and MLP (B, T, hidden)
 
 
-def _layer_inputs(model: PreTrainedModel, windows: torch.Tensor, batch_size: int) -> list[_Batch]:
-    """The batches as they enter layer 0, where both models still agree."""
-    device = next(model.parameters()).device
-    first = adapter.decoder_layers(model)[0]
-    seen = []
-
-    def catch(module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        seen.append(_Batch(hidden, hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
-        raise _Stop
-
-    handle = first.register_forward_pre_hook(catch, with_kwargs=True)
-    try:
-        for start in range(0, len(windows), batch_size):
-            try:
-                model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    return seen
-
-
-def _run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    out = layer(hidden, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
-
-
 def _inputs_of(layer: nn.Module, modules: tuple[nn.Module, ...], hidden: torch.Tensor,
                kwargs: dict) -> list[torch.Tensor]:
     """What each of `modules` receives when `layer` runs on `hidden`, as (B*T, features) float32, in the order
@@ -153,12 +122,12 @@ def _inputs_of(layer: nn.Module, modules: tuple[nn.Module, ...], hidden: torch.T
     def gather(module, args):
         seen.append(args[0].reshape(-1, args[0].shape[-1]).float())
         if len(seen) == len(modules):
-            raise _Stop
+            raise Stop
 
     handles = [m.register_forward_pre_hook(gather) for m in modules]
     try:
-        _run_layer(layer, hidden, kwargs)
-    except _Stop:
+        run_layer(layer, hidden, kwargs)
+    except Stop:
         pass
     finally:
         for h in handles:
@@ -176,7 +145,7 @@ def _dense_pass(layer: nn.Module, norm: nn.Module, batches: list[_Batch]) -> Non
     handle = norm.register_forward_pre_hook(keep)
     try:
         for b in batches:
-            b.dense = _run_layer(layer, b.dense, b.kwargs)
+            b.dense = run_layer(layer, b.dense, b.kwargs)
     finally:
         handle.remove()
 
@@ -211,7 +180,8 @@ def reconstruct(model: PreTrainedModel, arch: Architecture, importance: Importan
     Afterwards the removed units' o_proj / down_proj columns are zero, so the model computes the pruned
     architecture with re-fitted weights; `slicing.slice_model(model, arch, importance)` then keeps those weights.
     """
-    batches = _layer_inputs(model, windows[evenly_spaced(len(windows), config.windows)], config.batch_size)
+    batches = [_Batch(b.hidden, b.hidden, b.kwargs) for b in
+               layer_inputs(model, windows[evenly_spaced(len(windows), config.windows)], config.batch_size)]
     for i, layer in enumerate(tqdm(adapter.decoder_layers(model), desc="reconstruct", leave=False)):
         parts = adapter.layer_parts(layer)
         if config.target == "dense":
@@ -223,7 +193,7 @@ def reconstruct(model: PreTrainedModel, arch: Architecture, importance: Importan
         if down is not None:
             _fit(layer, parts.mlp_norm, parts.down, down, batches, lambda b: b.dense, config)
         for b in batches:
-            b.pruned, b.dense_mid = _run_layer(layer, b.pruned, b.kwargs), None
+            b.pruned, b.dense_mid = run_layer(layer, b.pruned, b.kwargs), None
     return model
 
 

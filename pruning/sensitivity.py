@@ -40,9 +40,11 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from pruning import adapter
 from pruning.architecture import Architecture, LayerShape, ModelSpec
 from pruning.files import write_atomic
 from pruning.importance import Importance, cache_key
+from pruning.layerwise import Batch, layer_inputs, logits_from, run_layer
 from pruning.masking import masked
 from pruning.metrics import next_token_logprobs, window_losses
 
@@ -193,6 +195,7 @@ class SensitivityTable:
         return total
 
 
+@torch.inference_mode()
 def measure_sensitivity(
     model: PreTrainedModel,
     importance: Importance,
@@ -231,17 +234,41 @@ def measure_sensitivity(
         with masked(model, base, importance):
             before = window_losses(model, windows, batch_size, reference)
     around = base or Architecture.full(spec)
+    stream = _BaseStream(model, around, importance, windows, batch_size)
     for kind, layer, shape in tqdm(grid.options(spec, base, reach), desc="sensitivity", unit="option", leave=False):
         key = _option_key(kind, layer, shape)
         if key in done:
             continue
+        batches = stream.entering(layer)
         arch = Architecture(spec, around.layers[:layer] + (shape,) + around.layers[layer + 1:])
         with masked(model, arch, importance):
-            got = window_losses(model, windows, batch_size, reference)
+            got = window_losses(model, windows, batch_size, reference,
+                                lambda k, _, i=layer, b=batches: logits_from(model, i, b[k]))
         done[key] = {loss: (got[loss] - before[loss]).tolist() for loss in losses}
         if path is not None:
             write_atomic(path, json.dumps(done))
     return _table(spec, grid, losses, done, base, len(windows), reach, far)
+
+
+class _BaseStream:
+    """The base architecture's hidden states entering each layer in turn, so an option of layer i runs layers i..L-1
+    only: the layers before it compute the same for every option of layer i (half the decoder's work, on average,
+    exactly). Holds one (N, T, hidden) stream at a time; layers are visited in ascending order."""
+
+    def __init__(self, model: PreTrainedModel, base: Architecture, importance: Importance, windows: torch.Tensor,
+                 batch_size: int):
+        self.model, self.base, self.importance = model, base, importance
+        self.batches, self.layer = layer_inputs(model, windows, batch_size), 0
+
+    def entering(self, layer: int) -> list[Batch]:
+        if layer < self.layer:
+            raise ValueError(f"the stream has passed layer {layer} (it is at {self.layer})")
+        layers = adapter.decoder_layers(self.model)
+        with masked(self.model, self.base, self.importance):
+            for i in range(self.layer, layer):
+                self.batches = [Batch(run_layer(layers[i], b.hidden, b.kwargs), b.kwargs) for b in self.batches]
+        self.layer = layer
+        return self.batches
 
 
 def _table(spec: ModelSpec, grid: Grid, losses: tuple[str, ...], done: dict, base: Architecture | None,

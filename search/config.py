@@ -70,9 +70,10 @@ class RunConfig:
                               "sublayer; sizes farther out follow the first table's curve. --sensitivity-points or "
                               "more measures them all, at about the first table's cost")
     n_startup: int = option(8, "trials before the predictor guides")
-    ffn_step: int | None = option(None, "FFN channels kept are a multiple of this. GGUF block quantization needs "
-                                  "it: 32 for Q8_0, 256 for K-quants (Q4_K...) if you will quantize the export "
-                                  "further with llama-quantize",
+    ffn_step: int | None = option(None, "FFN channels kept are a multiple of this. A GGUF export pads other "
+                                  "widths with zero channels to whole blocks (exact, but bytes spent on nothing): "
+                                  "32 for Q8_0, 256 for K-quants (Q4_K...) if you will quantize the export further "
+                                  "with llama-quantize",
                                   default_help="8; with --format gguf the type's block, so every width the search "
                                   "proposes fits it: 32 for q8_0")
     allow_drop: bool = option(True, "never drop a whole attention or MLP sublayer", flags=("--no-drop",),
@@ -166,13 +167,6 @@ class RunConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
-
-    def check_search_target(self) -> None:
-        """A search for a GGUF target (--format gguf) may only propose FFN widths its type holds."""
-        block = formats.REGISTRY[self.export_format].ffn_block(self)
-        if self.ffn_step % block:
-            raise ConfigError(f"--ffn-step {self.ffn_step} lets the search pick FFN widths GGUF {self.gguf_type} "
-                              f"cannot hold (rows in blocks of {block}); use --ffn-step {block} or a multiple")
 
     def domain_sources(self) -> list[tuple[str, str]]:
         """(name, text source) of every language-modelling domain recovery trains on."""

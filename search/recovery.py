@@ -58,7 +58,7 @@ class RecoveryRecord:
     # what the validation loss is: the search windows' "perplexity", or with --task "-task margin" on the task's
     # search examples (which tuning then leaves out)
     validated_on: str = "perplexity"
-    notes: tuple[str, ...] = ()  # where the exported model is not simply better than the sliced one
+    notes: tuple[str, ...] = ()  # where the export is not simply the sliced model made better (padding, say)
     comparisons: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # uniform, knapsack, searched...
     unreconstructed: Mapping[str, float] | None = None  # the same slice without reconstruction; None: not run
     reconstruction_seconds: float | None = None
@@ -206,6 +206,7 @@ def recover_and_export(setup: Setup, importance: Importance, arch: Architecture,
                      metrics_before=fields_["pruned"], metrics_after=fields_.get("recovered") or {},
                      comparisons=fields_["comparisons"])
     export = str(formats.write(model, arch, tokenizer, out, card, config, force))
+    fields_["notes"] = (*fields_.get("notes", ()), *formats.notes(arch, tokenizer, config))
     return RecoveryRecord(export=export, **fields_)
 
 

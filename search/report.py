@@ -115,7 +115,7 @@ class RunSummary:
                 f"\n**Exported model**: `{r.export}` — perplexity {tuned:.3f} after {r.steps} LoRA steps{selected} "
                 f"(sliced {r.pruned['perplexity']:.3f}{_without(r)}, dense {r.dense['perplexity']:.3f}; "
                 f"dense ÷ exported perplexity {r.dense['perplexity'] / tuned:.1%}).\n"
-                + "".join(f"\n**Warning**: {note}.\n" for note in r.notes)
+                + "".join(f"\n**Note**: {note}.\n" for note in r.notes)
             )
         return (
             f"## Pruning search: {self.model}\n\n"

@@ -46,7 +46,6 @@ def main(argv: list[str] | None = None) -> int:
     layout = None  # known once the run directory is open
     try:
         config = RunConfig(**cli_args.config_values(args))
-        config.check_search_target()
         plan = make_plan(config, resolve_device(config.device))
         print(plan.to_text(), file=sys.stdout if args.dry_run else sys.stderr)
         if args.dry_run:

@@ -205,10 +205,18 @@ class SearchSpace:
         return Architecture(self.spec, layers)
 
     # ---- candidate generators ------------------------------------------------------------
-    def uniform(self) -> Architecture:
-        """The same ratio in every layer, nothing dropped (LLM-Pruner / Torch-Pruning default)."""
-        ones = np.ones(self.spec.num_layers)
-        return self.project(ones, ones)
+    def uniform(self, dense_first: int = 0, dense_last: int = 0) -> Architecture:
+        """The same ratio in every layer, nothing dropped (Torch-Pruning's default); with `dense_first` and
+        `dense_last`, that many layers at either end stay whole and the others share the cut (LLM-Pruner's recipe:
+        4 and 2 of LLaMA-7B's 32)."""
+        n = self.spec.num_layers
+        if dense_first + dense_last >= n:
+            raise ValueError(f"{dense_first} + {dense_last} whole layers leave none of {n} to prune")
+        share = np.ones(n)
+        # project scales every share by one factor and caps it at 1: a tiny share for the pruned layers lets the
+        # factor grow past 1, so the whole layers stay whole while the pruned ones keep whatever the budget allows
+        share[dense_first : n - dense_last] = 1e-3 if dense_first or dense_last else 1.0
+        return self.project(share, share)
 
     def threshold(self, importance: Importance) -> Architecture:
         """FLAP-style allocation: one global threshold on per-layer standardised unit scores."""

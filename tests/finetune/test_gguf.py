@@ -30,7 +30,15 @@ import numpy as np
 import pytest
 import torch
 
-from finetune.gguf import LLAMA3_REGEX, QWEN2_REGEX, GGUFExportError, check_export, export_gguf
+from finetune.gguf import (
+    LLAMA3_REGEX,
+    QWEN2_REGEX,
+    GGUFExportError,
+    check_export,
+    export_gguf,
+    padded_ffn,
+    padding_bytes,
+)
 from pruning import adapter, reference
 from pruning.architecture import Architecture, LayerShape
 from pruning.data import token_windows
@@ -61,6 +69,7 @@ GREEDY_TOKENS = 32
 TINY = dict(vocab_size=4096, hidden_size=128, intermediate_size=192, num_hidden_layers=4, num_attention_heads=8,
             num_key_value_heads=2, head_dim=32, max_position_embeddings=256, initializer_range=0.1)
 MIXED = (LayerShape(2, 3, 160), LayerShape(0, 0, 96), LayerShape(1, 4, 0), LayerShape(2, 2, 192))
+OFF_BLOCK = (LayerShape(2, 3, 100), LayerShape(1, 4, 0), LayerShape(2, 4, 40), LayerShape(2, 2, 192))  # Q8_0 pads
 # name -> (family, tied, shapes (None: all kept), config overrides); "reference": the shipped trained model
 CASES = {
     "reference-dense": ("reference", False, None),
@@ -76,6 +85,7 @@ CASES = {
     "llama-uniform": ("llama", False, (LayerShape(2, 3, 128),) * 4),
     "qwen2-bias-tied": ("qwen2", True, MIXED),
     "mistral": ("mistral", False, MIXED),
+    "ffn-off-q8_0-blocks": ("llama", False, OFF_BLOCK),
     "llama-attention-and-mlp-bias": ("llama", False, MIXED, {"attention_bias": True, "mlp_bias": True}),
 }
 
@@ -243,6 +253,15 @@ def test_per_layer_shapes_use_deci_and_uniform_uses_llama(measured):
     assert reader.fields["deci.attention.head_count_kv"].contents() == [1, 2, 1, 2, 2, 0, 1, 2]
     assert reader.fields["deci.feed_forward_length"].contents() == [512, 32, 768, 320, 256, 32, 640, 768]
     assert reader.fields["tokenizer.ggml.pre"].contents() == "gpt-2"
+
+
+@in_engine
+def test_q8_0_pads_ffn_widths_and_keeps_f32_as_sliced(measured):
+    import gguf
+
+    widths = {t: gguf.GGUFReader(measured["ffn-off-q8_0-blocks"]["path"][t]).fields["deci.feed_forward_length"]
+              .contents() for t in ("f32", "q8_0")}
+    assert widths == {"f32": [100, 32, 40, 192], "q8_0": [128, 32, 64, 192]}  # the logits tests cover exactness
     uniform = gguf.GGUFReader(measured["llama-uniform"]["path"]["q8_0"])
     assert uniform.fields["general.architecture"].contents() == "llama"
     assert uniform.fields["llama.attention.head_count"].contents() == 6
@@ -252,16 +271,26 @@ def test_per_layer_shapes_use_deci_and_uniform_uses_llama(measured):
     assert {"blk.0.attn_output.bias", "blk.0.ffn_down.bias", "blk.1.ffn_up.bias"} <= biases
 
 
-def test_architecture_q8_0_cannot_hold_is_refused_before_writing(tokenizer, tmp_path):
+def test_attention_rows_q8_0_cannot_hold_are_refused_before_writing(tokenizer, tmp_path):
     calibration = token_windows(tokenizer, reference.CALIBRATION_TEXT.read_text(), 64, 2)
-    model, _ = _case_model("llama", False, None, calibration)
-    arch = Architecture(adapter.model_spec(model), (LayerShape(2, 4, 100),) * 4)
+    model = tiny_model("llama", **{**TINY, "head_dim": 16})
+    arch = Architecture(adapter.model_spec(model), (LayerShape(1, 3, 96),) * 4)  # 3 heads x 16: 48 values a row
     slice_model(model, arch, compute_importance(model, calibration))
-    with pytest.raises(GGUFExportError, match=r"blocks of 32.*'layer 0 ffn_channels': 100.*--ffn-step 32"):
+    with pytest.raises(GGUFExportError, match=r"blocks of 32.*'layer 0 query heads \* head_dim': 48.*f16 or f32"):
         export_gguf(model, arch, tokenizer, tmp_path / "m.gguf", "q8_0")
     assert list(tmp_path.iterdir()) == []
     export_gguf(model, arch, tokenizer, tmp_path / "m.gguf", "f16")
     assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"]
+
+
+def test_ffn_widths_off_the_block_are_padded_with_zero_channels():
+    spec = adapter.model_spec(tiny_model("llama", **TINY))
+    arch = Architecture(spec, OFF_BLOCK)
+    assert [padded_ffn(x.ffn_channels, "q8_0") for x in arch.layers] == [128, 32, 64, 192]
+    assert [padded_ffn(x.ffn_channels, "f16") for x in arch.layers] == [100, 32, 40, 192]
+    # 28 + 24 zero channels, each a gate row, an up row and a down column of 128 values, 34 bytes per 32 in Q8_0
+    assert padding_bytes(arch, "q8_0") == 52 * 3 * 128 * 34 / 32
+    assert padding_bytes(arch, "f16") == 0
 
 
 def test_unconvertible_tokenizer_is_refused(tokenizer):
@@ -308,6 +337,22 @@ def test_split_bpe_tokenizers_tokenize_as_in_transformers(regex, pre, tmp_path):
     path = export_gguf(model, Architecture.full(adapter.model_spec(model)), tokenizer, tmp_path / "m.gguf")
     assert gguf.GGUFReader(path).fields["tokenizer.ggml.pre"].contents() == pre
     text = "I've said 12345 times:\n\n  def f(x):\treturn x ** 3.14  # don't, WE'LL see\u00e9\u4f60\u597d!!"
+    llm = _engine(path)
+    assert llm.tokenize(text.encode(), add_bos=False) == tokenizer(text, add_special_tokens=False)["input_ids"]
+    llm.close()
+
+
+@in_engine
+def test_added_tokens_past_the_embedding_are_left_out_and_the_rest_tokenizes_as_before(tmp_path):
+    import gguf
+
+    tokenizer = adapter.load_tokenizer(reference.MODEL_DIR)
+    model = tiny_model("llama", **{**TINY, "vocab_size": len(tokenizer)})
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})  # id 2048: no embedding row
+    path = export_gguf(model, Architecture.full(adapter.model_spec(model)), tokenizer, tmp_path / "m.gguf")
+    tokens = gguf.GGUFReader(path).fields["tokenizer.ggml.tokens"].contents()
+    assert len(tokens) == model.config.vocab_size and "<|im_start|>" not in tokens
+    text = reference.EVALUATION_TEXT.read_text()[:500]
     llm = _engine(path)
     assert llm.tokenize(text.encode(), add_bos=False) == tokenizer(text, add_special_tokens=False)["input_ids"]
     llm.close()

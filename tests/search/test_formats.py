@@ -1,9 +1,14 @@
 """search.formats: the export-format registry, and a toy format added with one registration line."""
 
+from dataclasses import replace
+
 import pytest
 
+from pruning import adapter, reference
+from pruning.architecture import Architecture
 from search import formats
 from search.config import ConfigError, RunConfig, RunLayout
+from tests.conftest import tiny_model
 
 
 def test_the_shipped_formats_and_what_they_hold(tmp_path):
@@ -13,8 +18,18 @@ def test_the_shipped_formats_and_what_they_hold(tmp_path):
     assert RunLayout(tmp_path).export_path(RunConfig(export_format="gguf")) == tmp_path / "model.gguf"
     with pytest.raises(ConfigError, match="unknown --format 'onnx'; choose one of hf, gguf"):
         RunConfig(export_format="onnx")
-    with pytest.raises(ConfigError, match="--ffn-step 8 lets the search pick FFN widths GGUF q8_0 cannot hold"):
-        RunConfig(export_format="gguf", ffn_step=8).check_search_target()
+
+
+def test_a_gguf_export_says_what_padding_ffn_widths_to_its_blocks_costs():
+    tokenizer = adapter.load_tokenizer(reference.MODEL_DIR)
+    spec = adapter.model_spec(tiny_model(vocab_size=len(tokenizer)))  # hidden 48
+    arch = Architecture(spec, tuple(replace(x, ffn_channels=24) for x in Architecture.full(spec).layers))
+    q8 = RunConfig(export_format="gguf", gguf_type="q8_0")
+    (note,) = formats.notes(arch, tokenizer, q8)
+    mib = len(arch.layers) * 8 * 3 * 48 * 34 / 32 / 2**20  # 8 zero channels a layer: rows of 48 values
+    assert f"{mib:.2f} MiB more" in note and "--ffn-step 32" in note
+    assert formats.notes(arch, tokenizer, RunConfig(export_format="gguf", gguf_type="f16")) == ()
+    assert formats.notes(arch, tokenizer, RunConfig()) == ()
 
 
 def test_a_format_is_one_registration_and_the_run_writes_and_checks_through_it(tmp_path):
@@ -36,3 +51,12 @@ def test_a_format_is_one_registration_and_the_run_writes_and_checks_through_it(t
             formats.register_export_format(name="toy-bin", write=write, file_name="x")
     finally:
         del formats.REGISTRY["toy-bin"]
+
+
+def test_a_gguf_export_says_which_added_tokens_past_the_embedding_it_leaves_out():
+    tokenizer = adapter.load_tokenizer(reference.MODEL_DIR)
+    spec = adapter.model_spec(tiny_model(vocab_size=len(tokenizer)))
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})  # ids past it
+    (note,) = formats.notes(Architecture.full(spec), tokenizer, RunConfig(export_format="gguf", gguf_type="f16"))
+    assert note.startswith(f"2 added tokens past the model's {spec.vocab_size:,} embeddings are left out")
+    assert note.endswith("<|im_start|>, <|im_end|>")

@@ -45,6 +45,19 @@ def test_uniform_is_the_same_in_every_layer_up_to_the_fill():
     assert max(x.ffn_channels for x in arch.layers) - min(x.ffn_channels for x in arch.layers) <= 128
 
 
+
+def test_uniform_with_whole_end_layers_cuts_only_the_middle_alike():
+    space = SearchSpace(spec_from_config(LLAMA2_7B, "llama-2-7b"), budget=5_000_000_000, ffn_step=128)
+    arch = space.uniform(dense_first=4, dense_last=2)  # LLM-Pruner's LLaMA-7B recipe
+    full = Architecture.full(space.spec).layers[0]
+    assert arch.layers[:4] == arch.layers[-2:] + arch.layers[-2:] == (full,) * 4
+    middle = arch.layers[4:-2]
+    assert len({x.query_heads for x in middle}) <= 2 and max(x.query_heads for x in middle) < full.query_heads
+    assert max(x.ffn_channels for x in middle) - min(x.ffn_channels for x in middle) <= 128
+    assert space.budget - 2 * space.spec.mlp_params(128) <= arch.params() <= space.budget
+    with pytest.raises(ValueError, match="leave none"):
+        space.uniform(dense_first=30, dense_last=2)
+
 def test_params_round_trip_through_optuna_values():
     spec = spec_from_config(tiny_config(), "tiny")
     space = SearchSpace(spec, budget=int(Architecture.full(spec).params() * 0.8), ffn_step=8)
