@@ -23,6 +23,7 @@ from search.config import RunConfig, RunLayout
 from search.plan import check_fits, make_plan
 from search.runner import SearchRun
 from search.setup import USER_ERRORS, resolve_device
+from search.timing import time_plan
 
 
 def resume_command(config: RunConfig, layout: RunLayout, argv: list[str]) -> str:
@@ -46,8 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     layout = None  # known once the run directory is open
     try:
         config = RunConfig(**cli_args.config_values(args))
-        plan = make_plan(config, resolve_device(config.device))
+        device = resolve_device(config.device)
+        plan = make_plan(config, device)
         print(plan.to_text(), file=sys.stdout if args.dry_run else sys.stderr)
+        if plan.problem() is None:
+            print(time_plan(config, device).to_text(), file=sys.stdout if args.dry_run else sys.stderr)
         if args.dry_run:
             return 0
         check_fits(plan, config)

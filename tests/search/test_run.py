@@ -7,9 +7,12 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
+from pruning import adapter
 from pruning.architecture import Architecture
 from search import run
+from search.config import RunConfig
 from search.sampler import ARCH_ATTR
+from search.timing import WindowCost, estimate
 from search.trial_objective import TrialObjective
 
 
@@ -50,6 +53,9 @@ def test_run_writes_everything_a_person_needs(finished_run):
               "export (re-fit, LoRA, write)"]
     assert list(summary["stage_seconds"]) == stages and all(v >= 0 for v in summary["stage_seconds"].values())
     assert "Time by stage: load and check " in (out / "summary.md").read_text()
+    # the time plan estimates the same stages, by the same names (loading it leaves out)
+    config = RunConfig(**json.loads((out / "run.json").read_text()))
+    assert list(estimate(config, adapter.load_config(config.model), WindowCost(1.0, 1.0)).stages) == stages[1:]
 
 
 @pytest.mark.slow
@@ -57,7 +63,6 @@ def test_summary_perplexities_are_the_models_on_the_held_out_windows(finished_ru
     from pruning.importance import load_or_compute
     from pruning.masking import masked
     from pruning.metrics import perplexity
-    from search.config import RunConfig
     from search.setup import prepare
 
     summary = json.loads((finished_run / "summary.json").read_text())
@@ -87,7 +92,6 @@ def test_run_exports_the_recovered_best_model(finished_run):
     model = AutoModelForCausalLM.from_pretrained(finished_run / "model", trust_remote_code=True)
     assert sum(p.numel() for p in model.parameters()) == summary["best_params"]
     from pruning.metrics import perplexity
-    from search.config import RunConfig
     from search.setup import prepare
 
     setup = prepare(RunConfig(**json.loads((finished_run / "run.json").read_text())))
@@ -494,7 +498,7 @@ def test_export_cli_tunes_on_several_domains_and_a_task(finished_run, tiny_model
 
 
 def test_gguf_target_sets_the_ffn_step_and_the_export_path(tmp_path):
-    from search.config import RunConfig, RunLayout
+    from search.config import RunLayout
 
     assert RunConfig().ffn_step == 8
     assert RunConfig(export_format="gguf").ffn_step == 32  # q8_0 blocks: every width the search picks fits
