@@ -8,7 +8,7 @@ gate/up/down; never the LM head), trained on
     loss = (1 - λ) · NLL(labels) + λ · τ² · KL(teacher || student)      (λ = distill_weight)
 
 (both means over the labelled tokens; see finetune.losses for the bucketed KL and
-the chunked LM head)
+the chunked LM head, whose gradient is computed in closed form)
 with rows drawn from the training domains by dynamic batch loading (one domain:
 plain shuffled passes). At the end `merge_and_unload` folds B A into W, so the
 returned model is the same module tree as the input with the same parameter count.
@@ -41,7 +41,7 @@ from finetune.data import IGNORE, Domain
 from finetune.distill import DenseReference
 from finetune.dynamic import DomainSampler
 from finetune.evaluate import EvalData, Evaluation, evaluate, validation_loss
-from finetune.losses import next_token_losses
+from finetune.losses import recovery_loss
 from pruning.topk import TopKDistribution
 
 
@@ -240,21 +240,18 @@ class _Trainer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda):
             hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                         use_cache=False).last_hidden_state  # (B, W, H)
-            nll, tokens, kl = next_token_losses(hidden, base.get_output_embeddings(), batch["labels"], teacher, tau)
-        loss = nll.sum() / tokens.sum()
-        lam = self.config.distill_weight
-        if lam > 0:
-            loss = (1 - lam) * loss + lam * tau**2 * kl / tokens.sum()
-        if not math.isfinite(loss.item()):
+            out = recovery_loss(hidden, base.get_output_embeddings(), batch["labels"], teacher, tau,
+                                self.config.distill_weight)
+        if not math.isfinite(out.loss.item()):
             raise FloatingPointError("recovery loss is not finite; lower lr or check the training data")
-        loss.backward()
+        out.loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
         self.optimizer.step()
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
-        for d, row_nll, row_tokens in zip(owners, nll.tolist(), tokens.tolist(), strict=True):
+        for d, row_nll, row_tokens in zip(owners, out.nll.tolist(), out.tokens.tolist(), strict=True):
             self.sampler.observe(d, row_nll, row_tokens)
-        return loss.item()
+        return out.loss.item()
 
     def _batch(self, picks: list[tuple[int, int]]):
         """Rows of the picked (domain, row) pairs, right-padded to one width, with their teacher targets."""

@@ -43,7 +43,7 @@ class TopKDistribution:
         """Buckets of softmax(logits / τ), logits (..., V); on the logits' device (k is capped at V)."""
         logp = log_softmax(logits, temperature)  # (..., V)
         top, ids = logp.topk(min(k, logp.shape[-1]), dim=-1)  # (..., k)
-        return cls(top, ids.int(), _rest(logp, ids))
+        return cls(top, ids.int(), rest_log_mass(logp, ids))
 
     @classmethod
     def cat(cls, parts: Sequence[TopKDistribution], dim: int) -> TopKDistribution:
@@ -69,14 +69,14 @@ def top_k_kl(logits: torch.Tensor, dense: TopKDistribution, temperature: float =
     """(...,) KL_k(dense || softmax(logits / τ)) at each position (module docstring), logits (..., V)."""
     logq_all = log_softmax(logits, temperature)  # (..., V)
     ids = dense.top_ids.long()
-    logq, rest_q = logq_all.gather(-1, ids), _rest(logq_all, ids)  # (..., k), (...)
+    logq, rest_q = logq_all.gather(-1, ids), rest_log_mass(logq_all, ids)  # (..., k), (...)
     logp, rest_p = dense.top_logp, dense.rest_logp
     head = (logp.exp() * (logp - logq)).sum(-1)
     p_rest = rest_p.exp()
     return head + torch.where(p_rest > 0, p_rest * (rest_p - rest_q), torch.zeros_like(p_rest))  # empty rest: 0
 
 
-def _rest(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def rest_log_mass(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """(...) log of the mass outside `ids`: a log-sum-exp over the other tokens, exact where
     log(1 - sum of the top k) would cancel; -inf when the top k hold the whole vocabulary."""
     return logp.scatter(-1, ids.long(), float("-inf")).logsumexp(-1)

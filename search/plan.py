@@ -181,7 +181,7 @@ def stages(shape: _Shape, config: RunConfig, s: int, cuda: bool, params: int, bu
     stats = B * T * x.I * 16
     n_lora = config.lora_rank * x.L * (7 * x.H + 2 * x.q + 2 * x.kv + 3 * x.I)
     domains = 1 + len(config.domains)
-    targets = domains * config.recover_windows * (T - 1) * (8 * TEACHER_TOP_K + 4)
+    targets = domains * config.tuning_windows() * (T - 1) * (8 * TEACHER_TOP_K + 4)
     teacher_batch = B * (T - 1) * (8 * TEACHER_TOP_K + 4)
     lchunk = 3 * min(LOSS_CHUNK_BYTES, B * (T - 1) * x.V * 4)
     lora_base = W_b + 16 * n_lora + attn + lchunk

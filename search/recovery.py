@@ -14,7 +14,7 @@ import optuna
 from finetune.card import ModelCard
 from finetune.data import TaskFormat, encode_tasks, pad_id, read_task_split, task_domain, text_domain
 from finetune.distill import dense_reference
-from finetune.evaluate import EvalData, Evaluation, evaluate, validation_metric
+from finetune.evaluate import EvalData, evaluate, validation_metric
 from finetune.recover import RecoveryConfig, recover
 from pruning.architecture import Architecture
 from pruning.importance import Importance, load_or_compute
@@ -151,7 +151,7 @@ def task_examples(config: RunConfig, tokenizer, model):
 
 def text_domains(config: RunConfig, tokenizer) -> list:
     """The language-modelling domains recovery trains on: the calibration text and every --domain."""
-    return [text_domain(name, tokenizer, path, config.seq_len, config.recover_windows)
+    return [text_domain(name, tokenizer, path, config.seq_len, config.tuning_windows())
             for name, path in config.domain_sources()]
 
 
@@ -197,11 +197,12 @@ def recover_and_export(setup: Setup, importance: Importance, arch: Architecture,
     fields_["pruned"] = measure(model)
     if config.recover_steps > 0:
         settings = recovery_settings(config)
-        model, result = recover(model, domains, settings, evaluation, reference, validation=validation)
-        fields_.update(recovered=measure(model), recovery=settings.to_dict(), recovery_seconds=round(result.seconds, 1),
+        model, result = recover(model, domains, settings, None, reference, validation=validation)  # measured here
+        recovered = measure(model)
+        fields_.update(recovered=recovered, recovery=settings.to_dict(), recovery_seconds=round(result.seconds, 1),
                        selected_step=result.selected_step, validation=result.validation,
                        validated_on=validation_metric(validation),
-                       notes=recovery_notes(result.before, result.after, result.selected_step, validation))
+                       notes=recovery_notes(fields_["pruned"], recovered, result.selected_step, validation))
     card = ModelCard(budget=config.budget, command=command, metrics_dense=fields_["dense"],
                      metrics_before=fields_["pruned"], metrics_after=fields_.get("recovered") or {},
                      comparisons=fields_["comparisons"])
@@ -244,19 +245,19 @@ def _reconstruct_if_better(setup: Setup, arch: Architecture, importance: Importa
             "reconstruction_search": (refit.without, refit.best[1]), "reconstruction_damps": refit.tried}
 
 
-def recovery_notes(before: Evaluation, after: Evaluation, selected_step: int,
+def recovery_notes(before: Mapping[str, float], after: Mapping[str, float], selected_step: int,
                    validation: EvalData) -> tuple[str, ...]:
-    """Notes on where the exported model is not simply better than the sliced one."""
+    """Notes on where the exported model is not simply better than the sliced one (held-out metrics of each)."""
     notes = []
     if selected_step == 0:
         what = "the task margin on its search examples" if validation.tasks else "the search windows' perplexity"
         notes.append(f"no recovery step improved {what}: the sliced model is exported untuned")
-    if before.task_accuracy is not None and after.task_accuracy < before.task_accuracy:
-        notes.append(f"held-out task accuracy is lower after recovery ({before.task_accuracy:.3f} sliced, "
-                     f"{after.task_accuracy:.3f} exported)")
-    if after.perplexity > before.perplexity:
-        notes.append(f"held-out perplexity is worse after recovery ({before.perplexity:.3f} sliced, "
-                     f"{after.perplexity:.3f} exported): the held-out text differs from the training and search "
+    if before.get("task_accuracy") is not None and after["task_accuracy"] < before["task_accuracy"]:
+        notes.append(f"held-out task accuracy is lower after recovery ({before['task_accuracy']:.3f} sliced, "
+                     f"{after['task_accuracy']:.3f} exported)")
+    if after["perplexity"] > before["perplexity"]:
+        notes.append(f"held-out perplexity is worse after recovery ({before['perplexity']:.3f} sliced, "
+                     f"{after['perplexity']:.3f} exported): the held-out text differs from the training and search "
                      "text; try fewer --recover-steps, --distill 0, or --domain with text like the held-out one")
     return tuple(notes)
 

@@ -18,7 +18,7 @@ run's windows (random weights and tokens: the time does not depend on their valu
     export                 E·w (dense) + distillation targets N·w
                            + re-fit: (E + M)·w (the unfitted slice) + per damping (REFIT_PASSES·K·L·w_l + M·w),
                              K its calibration windows
-                           + 4·E·w_b (sliced, before, after, exported) + validations·M·w_b + R·B·TRAIN_PASSES·w_b
+                           + 2·E·w_b (sliced, recovered) + validations·M·w_b + R·B·TRAIN_PASSES·w_b
 
 The constants were measured on SmolLM2-135M on 2 CPU cores (experiments/results/timing-smollm2.md).
 """
@@ -169,8 +169,8 @@ def _export_seconds(config: RunConfig, cost: WindowCost, w: float, w_b: float, E
     seconds += E * w_b  # the slice
     if config.recover_steps > 0:
         if config.distill > 0:
-            seconds += config.recover_windows * w  # the dense model's targets
+            seconds += config.tuning_windows() * w  # the dense model's targets
         validations = len(RecoveryConfig(steps=config.recover_steps).validation_steps())
         seconds += validations * M * w_b + config.recover_steps * config.batch_size * TRAIN_PASSES * w_b
-        seconds += 3 * E * w_b  # before, after, exported
+        seconds += E * w_b  # the recovered model
     return seconds

@@ -64,19 +64,17 @@ def test_dense_reference_loss_is_log_perplexity_and_targets_have_their_shapes(wi
 
 
 @pytest.mark.parametrize("with_teacher", [False, True])
-def test_chunked_losses_and_gradients_equal_the_whole_logits_computation(monkeypatch, with_teacher):
+def test_chunked_losses_equal_the_whole_logits_computation(monkeypatch, with_teacher):
     g = torch.Generator().manual_seed(4)
     head = torch.nn.Linear(6, 30, bias=False)
-    hidden = torch.randn(2, 9, 6, generator=g, requires_grad=True)
+    hidden = torch.randn(2, 9, 6, generator=g)
     labels = torch.randint(0, 30, (2, 9), generator=g)
     labels[0, :4] = -100
     teacher = TopKDistribution.of_logits(torch.randn(2, 8, 30, generator=g), 5, 2.0) if with_teacher else None
     results = []
     for chunk_bytes in (losses.LOGITS_CHUNK_BYTES, 4 * 2 * 30 * 3):  # one chunk; chunks of 3 positions
         monkeypatch.setattr(losses, "LOGITS_CHUNK_BYTES", chunk_bytes)
-        nll, tokens, kl = next_token_losses(hidden, head, labels, teacher, 2.0)
-        (grad,) = torch.autograd.grad(nll.sum() + kl, hidden)
-        results.append((nll, tokens, kl, grad))
+        results.append(next_token_losses(hidden, head, labels, teacher, 2.0))
     assert losses.chunk_positions(2, 30) == 3
     for whole, chunked in zip(*results, strict=True):
         torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=0)
@@ -87,3 +85,33 @@ def test_chunked_losses_and_gradients_equal_the_whole_logits_computation(monkeyp
     if with_teacher:
         mask = labels[:, 1:] != -100
         torch.testing.assert_close(results[0][2] / 13, distill_loss(logits, teacher, mask, 2.0) / 4, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(("distill_weight", "tau", "k", "train_head"),
+                         [(0.0, 1.0, 5, False), (0.5, 1.0, 5, False), (0.7, 2.0, 5, True), (0.5, 1.5, 30, False)])
+def test_fused_recovery_loss_and_its_gradients_equal_autograd_through_the_logits(monkeypatch, distill_weight, tau, k,
+                                                                                 train_head):
+    """The closed-form gradient (chunks of 3 positions) against autograd on whole logits; k = 30 = V: empty rest."""
+    g = torch.Generator().manual_seed(5)
+    head = torch.nn.Linear(6, 30, bias=False).double().float()
+    head.weight.requires_grad_(train_head)
+    hidden = torch.randn(2, 9, 6, generator=g, requires_grad=True)
+    labels = torch.randint(0, 30, (2, 9), generator=g)
+    labels[0, :4] = -100
+    teacher = TopKDistribution.of_logits(3 * torch.randn(2, 8, 30, generator=g), k, tau)
+    logits = head(hidden[:, :-1])
+    mask = labels[:, 1:] != -100
+    nll = F.cross_entropy(logits.transpose(1, 2), labels[:, 1:], reduction="none").sum(1)
+    kl = (losses.top_k_kl(logits, teacher, tau) * mask).sum()
+    expected = (1 - distill_weight) * nll.sum() / 13 + distill_weight * tau**2 * kl / 13
+    wanted = [hidden, head.weight] if train_head else [hidden]
+    expected_grads = torch.autograd.grad(expected, wanted)
+    monkeypatch.setattr(losses, "LOGITS_CHUNK_BYTES", 4 * 2 * 30 * 3)
+    got = losses.recovery_loss(hidden, head, labels, teacher, tau, distill_weight)
+    grads = torch.autograd.grad(2.0 * got.loss, wanted)  # an upstream factor reaches every gradient
+    torch.testing.assert_close(got.loss, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.nll, nll.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.kl, kl.detach(), atol=1e-5, rtol=1e-5)
+    assert got.tokens.tolist() == [5, 8] and not got.nll.requires_grad
+    for grad, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, 2.0 * want, atol=1e-6, rtol=1e-5)

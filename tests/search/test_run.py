@@ -386,18 +386,31 @@ def test_peer_samplers_search_the_same_space(tiny_model_dir, tmp_path, sampler):
 def test_recovery_notes_say_when_the_export_is_not_better():
     import torch
 
-    from finetune.evaluate import EvalData, Evaluation
+    from finetune.evaluate import EvalData
     from search.recovery import recovery_notes
 
     text = EvalData(torch.zeros(1, 4, dtype=torch.long))
-    assert recovery_notes(Evaluation(20.0), Evaluation(18.0), 40, text) == ()
-    assert recovery_notes(Evaluation(20.0), Evaluation(20.0), 0, text) == (
+    assert recovery_notes({"perplexity": 20.0}, {"perplexity": 18.0}, 40, text) == ()
+    assert recovery_notes({"perplexity": 20.0}, {"perplexity": 20.0}, 0, text) == (
         "no recovery step improved the search windows' perplexity: the sliced model is exported untuned",)
-    worse = recovery_notes(Evaluation(133.3), Evaluation(155.3), 20, text)
+    worse = recovery_notes({"perplexity": 133.3}, {"perplexity": 155.3}, 20, text)
     assert len(worse) == 1 and worse[0].startswith("held-out perplexity is worse after recovery (133.300 sliced, "
                                                    "155.300 exported)")
-    task = recovery_notes(Evaluation(20.0, 0.5), Evaluation(19.0, 0.4), 20, text)
+    task = recovery_notes({"perplexity": 20.0, "task_accuracy": 0.5}, {"perplexity": 19.0, "task_accuracy": 0.4}, 20,
+                          text)
     assert task == ("held-out task accuracy is lower after recovery (0.500 sliced, 0.400 exported)",)
+
+
+@pytest.mark.slow
+def test_table_windows_reads_the_runs_table_and_its_own_row_is_the_runs_knapsack(finished_run, capsys):
+    from experiments import table_windows
+
+    assert table_windows.main(["--run", str(finished_run), "--windows", "1"]) == 0
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line[:3] in ("| 1", "| 2", "| 4")]
+    own = json.loads((finished_run / "run.json").read_text())["sensitivity_windows"]
+    knapsack = json.loads((finished_run / "summary.json").read_text())["objective_values"]["knapsack"]["perplexity"]
+    assert [int(r[0].strip("| ")) for r in rows] == sorted({1, own})
+    assert rows[-1][3] == f"{knapsack:.2f}"  # the run's own table gives the run's knapsack, measured again
 
 
 @pytest.mark.slow
