@@ -53,11 +53,12 @@ class Evaluation:
         return out
 
 
-def evaluate(model: PreTrainedModel, data: EvalData, batch_size: int = 8) -> Evaluation:
+def evaluate(model: PreTrainedModel, data: EvalData, batch_size: int = 8, progress: str | None = None) -> Evaluation:
+    """`progress`: a label for the perplexity's progress bar (none without)."""
     was_training = model.training
     model.eval()
     try:
-        ppl = perplexity(model, data.windows, batch_size=batch_size)
+        ppl = perplexity(model, data.windows, batch_size=batch_size, progress=progress)
         accuracy = option_accuracy(model, data.tasks, batch_size) if data.tasks else None
     finally:
         model.train(was_training)

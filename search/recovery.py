@@ -171,10 +171,13 @@ def dense_teacher(model, config: RunConfig, domains: list):
 
 
 def recover_and_export(setup: Setup, importance: Importance, arch: Architecture, out: Path, command: str,
-                       force: bool, comparisons: Mapping[str, Mapping[str, float]] | None = None) -> RecoveryRecord:
+                       force: bool, comparisons: Mapping[str, Mapping[str, float]] | None = None,
+                       measured: Mapping[str, Mapping[str, float]] | None = None) -> RecoveryRecord:
     """Slice the run's model (in place) to `arch`, LoRA-tune it, write the export; return what was measured.
 
-    `comparisons`: other models' held-out metrics for the model card (uniform, knapsack, searched...)."""
+    `comparisons`: other models' held-out metrics for the model card (uniform, knapsack, searched...).
+    `measured`: the run's own held-out metrics of the dense model ("base") and of `arch` masked ("searched"),
+    used instead of measuring them again where they are what `measure` gives (the perplexity objective)."""
     model, tokenizer, config = setup.model, setup.tokenizer, setup.config
     formats.check(arch, model.config, tokenizer, config)
     domains = text_domains(config, tokenizer)
@@ -185,20 +188,24 @@ def recover_and_export(setup: Setup, importance: Importance, arch: Architecture,
     validation = EvalData(setup.search_windows, validation_tasks)  # recovery selects on it
     objective = setup.objective("held_out")  # built while the model is dense
 
-    def measure(m) -> dict[str, float]:
-        return {**evaluate(m, evaluation, config.batch_size).to_dict(), **objective(m).flat(objective.name)}
+    plain = objective.name == "perplexity" and not evaluation.tasks  # the objective is evaluate's perplexity
+    known = dict(measured or {}) if plain else {}
 
-    dense = measure(model)
+    def measure(m, label: str) -> dict[str, float]:
+        values = evaluate(m, evaluation, config.batch_size, progress=f"held-out: {label}").to_dict()
+        return values if plain else {**values, **objective(m).flat(objective.name)}
+
+    dense = dict(known["base"]) if "base" in known else measure(model, "dense")
     reference = dense_teacher(model, config, domains)
     fields_ = {"dense": dense, "comparisons": dict(comparisons or {})}
     if config.reconstruct:
-        fields_.update(_reconstruct_if_better(setup, arch, importance, measure))
+        fields_.update(_reconstruct_if_better(setup, arch, importance, measure, known.get("searched")))
     slice_model(model, arch, importance)
-    fields_["pruned"] = measure(model)
+    fields_["pruned"] = measure(model, "sliced")
     if config.recover_steps > 0:
         settings = recovery_settings(config)
         model, result = recover(model, domains, settings, None, reference, validation=validation)  # measured here
-        recovered = measure(model)
+        recovered = measure(model, "recovered")
         fields_.update(recovered=recovered, recovery=settings.to_dict(), recovery_seconds=round(result.seconds, 1),
                        selected_step=result.selected_step, validation=result.validation,
                        validated_on=validation_metric(validation),
@@ -236,12 +243,15 @@ def refit_selected(model, arch: Architecture, importance: Importance, setup: Set
     return replace(refit, seconds=round(time.perf_counter() - began, 1))
 
 
-def _reconstruct_if_better(setup: Setup, arch: Architecture, importance: Importance, measure) -> dict:
-    """`refit_selected` on the run's model, with the held-out slice without it measured for the record."""
-    with masked(setup.model, arch, importance):
-        unreconstructed = measure(setup.model)
+def _reconstruct_if_better(setup: Setup, arch: Architecture, importance: Importance, measure,
+                           unreconstructed: Mapping[str, float] | None) -> dict:
+    """`refit_selected` on the run's model, with the held-out slice without it measured for the record (unless
+    given)."""
+    if unreconstructed is None:
+        with masked(setup.model, arch, importance):
+            unreconstructed = measure(setup.model, "unfitted")
     refit = refit_selected(setup.model, arch, importance, setup)
-    return {"unreconstructed": unreconstructed, "reconstruction_seconds": refit.seconds,
+    return {"unreconstructed": dict(unreconstructed), "reconstruction_seconds": refit.seconds,
             "reconstruction_search": (refit.without, refit.best[1]), "reconstruction_damps": refit.tried}
 
 
@@ -276,7 +286,18 @@ def export_from_run(run_dir: Path, out: Path, overrides: Mapping, trial: int | N
     setup = prepare(config)
     importance = load_or_compute(setup.model, setup.calibration, config.importance, layout.root,
                                  config.batch_size)  # the search's scores: taylor's depend on the batch
-    return recover_and_export(setup, importance, arch, Path(out), command, force)
+    return recover_and_export(setup, importance, arch, Path(out), command, force,
+                              measured=summary_measurements(layout, trial))
+
+
+def summary_measurements(layout: RunLayout, trial: int | None) -> dict[str, dict[str, float]]:
+    """The finished run's held-out metrics of the dense model and, when its best architecture is exported (no
+    `trial`), of that architecture masked: what the export would otherwise measure again."""
+    if not layout.summary_json.exists():
+        return {}
+    values = json.loads(layout.summary_json.read_text()).get("objective_values", {})
+    names = ("base", "searched") if trial is None else ("base",)
+    return {name: values[name] for name in names if name in values}
 
 
 def run_architecture(layout: RunLayout, config: RunConfig, trial: int | None) -> Architecture:

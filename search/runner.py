@@ -337,7 +337,7 @@ class SearchRun:
         comparisons = {name: values for name, values in summary.objective_values.items() if name != "base"}
         with self._stage("export (re-fit, LoRA, write)"):
             record = recover_and_export(setup, started.importance, arch, layout.export_path(setup.config), command,
-                                        force=True, comparisons=comparisons)
+                                        force=True, comparisons=comparisons, measured=summary.objective_values)
         StudyRecord(recovery=record.to_dict()).to_study(started.study)
         summary = replace(summary, recovery=record, wall_time_s=round(time.time() - self.started, 1),
                           stage_seconds=dict(self.stage_seconds))

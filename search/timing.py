@@ -15,10 +15,12 @@ run's windows (random weights and tokens: the time does not depend on their valu
     baselines (held-out)   (1 + rivals)·E·w
     trials                 trials·M·w·(the objective's relative cost) + PREDICTOR_S per trial
     summary (held-out)     E·w
-    export                 E·w (dense) + distillation targets N·w
-                           + re-fit: (E + M)·w (the unfitted slice) + per damping (REFIT_PASSES·K·L·w_l + M·w),
+    export                 distillation targets TEACHER_PASSES·N·w (N = min(--recover-windows, R·B))
+                           + re-fit: M·w (the unfitted slice) + per damping (REFIT_PASSES·K·L·w_l + M·w),
                              K its calibration windows
                            + 2·E·w_b (sliced, recovered) + validations·M·w_b + R·B·TRAIN_PASSES·w_b
+                           (the dense model and the unfitted slice on the held-out windows are the summary's; an
+                           objective other than perplexity measures them again: + 2·E·w)
 
 The constants were measured on SmolLM2-135M on 2 CPU cores (experiments/results/timing-smollm2.md).
 """
@@ -46,10 +48,12 @@ from search.objectives import objective_class
 from search.plan import table_windows
 from search.setup import run_dtype
 
-# measured on SmolLM2-135M's default run (2 CPU cores): a LoRA step of 8 windows took 18.85 s, 6.5 forward passes of
-# the sliced model per window (forward and backward through the large-vocabulary head, the distillation loss); a
+# measured on SmolLM2-135M's default run (2 CPU cores): a LoRA step of 8 windows took 15.0 s, 5.0 forward passes of
+# the sliced model per window (forward and backward, the head's loss in closed form); the dense model's top-k
+# targets 1.6 of its forward passes per window (the top-k of a 49,152-token vocabulary at every position); a
 # trial took 6 s more than its windows (fitting the predictor, ranking its candidates, the study's database)
-TRAIN_PASSES = 6.5
+TRAIN_PASSES = 5.0
+TEACHER_PASSES = 1.6
 REFIT_PASSES = 2.0  # a re-fit runs each layer on the pruned and the dense stream
 PREDICTOR_S = 6.0
 
@@ -67,8 +71,8 @@ class WindowCost:
 
 def measure_window_cost(model_config: PretrainedConfig, seq_len: int, batch_size: int, device: torch.device,
                         dtype: torch.dtype) -> WindowCost:
-    """Time one random layer and the head of `model_config`'s shapes on one batch of random windows (the faster of
-    two timings, after a warm-up)."""
+    """Time one random layer and the head of `model_config`'s shapes on one batch of random windows (the fastest
+    of a few timings, after a warm-up)."""
     config = copy.deepcopy(model_config)
     config.num_hidden_layers = 1
     if getattr(config, "layer_types", None):
@@ -78,9 +82,9 @@ def measure_window_cost(model_config: PretrainedConfig, seq_len: int, batch_size
     windows = torch.randint(config.vocab_size, (batch_size, seq_len))
     layer = adapter.decoder_layers(model)[0]
 
-    def seconds(fn) -> float:
+    def seconds(fn, repeats: int) -> float:
         best = float("inf")
-        for _ in range(3):  # the first is the warm-up
+        for _ in range(repeats):  # the first is the warm-up
             began = time.perf_counter()
             fn()
             if device.type == "cuda":
@@ -89,9 +93,10 @@ def measure_window_cost(model_config: PretrainedConfig, seq_len: int, batch_size
         return best
 
     with torch.inference_mode():
-        whole = seconds(lambda: window_losses(model, windows, batch_size))
+        whole = seconds(lambda: window_losses(model, windows, batch_size), 3)
         batch = layer_inputs(model, windows, batch_size)[0]
-        one_layer = seconds(lambda: run_layer(layer, batch.hidden, batch.kwargs))
+        # a layer is short (0.1 s on SmolLM2's shapes): best of more (a run once timed it at 1.4x its idle time)
+        one_layer = seconds(lambda: run_layer(layer, batch.hidden, batch.kwargs), 6)
     return WindowCost(layer=one_layer / batch_size, head=max(whole - one_layer, 0.0) / batch_size)
 
 
@@ -161,15 +166,15 @@ def _tables_seconds(config: RunConfig, spec, cost: WindowCost) -> float:
 
 def _export_seconds(config: RunConfig, cost: WindowCost, w: float, w_b: float, E: int) -> float:
     M = config.search_windows
-    seconds = E * w  # the dense model on the held-out windows
-    if config.reconstruct:  # the unfitted slice, held-out and search windows, then each damping's re-fit
+    seconds = 0.0 if config.objective == "perplexity" else (1 + config.reconstruct) * E * w  # the summary's again
+    if config.reconstruct:  # the unfitted slice on the search windows, then each damping's re-fit
         damps = len(DAMP_CHOICES) if config.reconstruct_damp is None else 1
         K = min(ReconstructionConfig().windows, config.calibration_windows)
-        seconds += (E + M) * w + damps * (REFIT_PASSES * K * (w - cost.head) + M * w)
+        seconds += M * w + damps * (REFIT_PASSES * K * (w - cost.head) + M * w)
     seconds += E * w_b  # the slice
     if config.recover_steps > 0:
         if config.distill > 0:
-            seconds += config.tuning_windows() * w  # the dense model's targets
+            seconds += TEACHER_PASSES * config.tuning_windows() * w  # the dense model's targets
         validations = len(RecoveryConfig(steps=config.recover_steps).validation_steps())
         seconds += validations * M * w_b + config.recover_steps * config.batch_size * TRAIN_PASSES * w_b
         seconds += E * w_b  # the recovered model

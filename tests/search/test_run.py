@@ -440,6 +440,20 @@ def test_export_cli_on_a_finished_run(finished_run, tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_exporting_the_best_architecture_reuses_the_summarys_held_out_measurements(finished_run, tmp_path, capsys):
+    from search import export
+
+    values = json.loads((finished_run / "summary.json").read_text())["objective_values"]
+    command = ["--run", str(finished_run), "--recover-steps", "0", "--out"]
+    assert export.main([*command, str(tmp_path / "refit")]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["dense"] == values["base"] and record["unreconstructed"] == values["searched"]
+    assert export.main([*command, str(tmp_path / "plain"), "--no-reconstruct"]) == 0
+    sliced = json.loads(capsys.readouterr().out)["pruned"]  # measured on the sliced model, not reused
+    assert sliced["perplexity"] == pytest.approx(values["searched"]["perplexity"], rel=1e-5)
+
+
+@pytest.mark.slow
 def test_export_cli_does_not_hide_programming_errors(finished_run, tmp_path, monkeypatch):
     from search import export, recovery
 

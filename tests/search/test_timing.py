@@ -13,7 +13,7 @@ from pruning.sensitivity import Grid
 from search import run
 from search.config import FINAL_EVAL_WINDOWS, RunConfig
 from search.plan import table_windows
-from search.timing import PREDICTOR_S, TRAIN_PASSES, WindowCost, estimate, measure_window_cost
+from search.timing import PREDICTOR_S, TEACHER_PASSES, TRAIN_PASSES, WindowCost, estimate, measure_window_cost
 
 
 def config(root, **settings) -> RunConfig:
@@ -53,10 +53,14 @@ def test_the_local_table_and_the_export_add_their_passes(tiny_model_dir):
     E, M = FINAL_EVAL_WINDOWS - 8, 8
     validations = 11  # steps 0, 1, ..., 10
     assert full.stages["export (re-fit, LoRA, write)"] == pytest.approx(
-        E * w + E * w_b + validations * M * w_b + 10 * 2 * TRAIN_PASSES * w_b + E * w_b)
+        E * w_b + validations * M * w_b + 10 * 2 * TRAIN_PASSES * w_b + E * w_b)  # dense: the summary's
     distilled = estimate(config(tiny_model_dir, recover_steps=10, reconstruct=False), model_config, cost)
     assert distilled.stages["export (re-fit, LoRA, write)"] - full.stages["export (re-fit, LoRA, write)"] == \
-        pytest.approx(10 * 2 * w)  # the dense model's targets on the rows 10 steps of 2 draw (< --recover-windows)
+        pytest.approx(TEACHER_PASSES * 10 * 2 * w)  # the dense targets on the rows 10 steps of 2 draw (< 512)
+    kl = estimate(config(tiny_model_dir, recover_steps=10, distill=0.0, reconstruct=False, objective="kl"),
+                  model_config, cost)
+    assert kl.stages["export (re-fit, LoRA, write)"] - full.stages["export (re-fit, LoRA, write)"] == \
+        pytest.approx(E * w)  # the dense model measured again: the summary holds only the kl objective's metrics
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
