@@ -26,8 +26,8 @@ def gqa_model_dir(tmp_path_factory):
 def search_args(root):
     """search.run arguments that make the tiny model's data, windows and recovery small."""
     return ["--calibration", str(root / "calibration.txt"), "--evaluation", str(root / "evaluation.txt"),
-            "--seq-len", "32", "--calibration-windows", "8", "--search-windows", "4", "--n-startup", "5",
-            "--ffn-step", "1", "--recover-steps", "2", "--recover-windows", "8"]
+            "--seq-len", "32", "--calibration-windows", "8", "--search-windows", "4", "--sensitivity-windows", "4",
+            "--n-startup", "5", "--ffn-step", "1", "--recover-steps", "2", "--recover-windows", "8"]
 
 
 def argv(root, out, *extra):

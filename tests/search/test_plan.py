@@ -53,11 +53,12 @@ def test_llama_2_7b_on_one_h100(hub_configs):
     assert stage(p, "candidate evaluation").device_bytes == p.weight_bytes + act + chunk
     assert stage(p, "load").host_bytes == p.weight_bytes
     assert p.trial_tokens == 32 * 256 and p.trial_seconds == pytest.approx(p.trial_flops / 4e14)
-    # tables on 4 windows, 8 points: 9 attention levels (32 heads spread to 8, and 0) and 9 FFN widths per layer;
-    # dense: 32 layers x 16 moves + the dense pass; local (reach 1): at most 32 layers x 2 sublayers x (1 size
-    # each side + one of the base's parameter count) + its base's pass
-    assert p.table_windows == (32 * 16 + 1) * 4 + (32 * 2 * 3 + 1) * 4
-    assert f"sensitivity tables: at most {p.table_windows:,} windows (= 88 trials)" in p.to_text()
+    # tables on S windows (the default, 2), 8 points: 9 attention levels (32 heads spread to 8, and 0) and 9 FFN
+    # widths per layer; dense: 32 layers x 16 moves + the dense pass; local (reach 1): at most 32 layers x 2
+    # sublayers x (1 size each side + one of the base's parameter count) + its base's pass
+    S = config.sensitivity_windows
+    assert p.table_windows == (32 * 16 + 1) * S + (32 * 2 * 3 + 1) * S
+    assert f"sensitivity tables: at most {p.table_windows:,} windows (= {p.table_windows // 32} trials)" in p.to_text()
     assert "objective" not in p.to_text()  # perplexity: the trial line is the objective's
     _, kl = plan(hub_configs, "llama-2-7b", budget="5B", objective="kl")
     assert kl.objective_cost == KL.relative_cost > 1

@@ -19,7 +19,8 @@ from search.trial_objective import TrialObjective
 def args(root, out, *extra):
     return ["--model", str(root / "model"), "--calibration", str(root / "calibration.txt"),
             "--evaluation", str(root / "evaluation.txt"), "--seq-len", "32", "--calibration-windows", "8",
-            "--search-windows", "4", "--n-startup", "5", "--ffn-step", "1", "--no-export", "--out", str(out), *extra]
+            "--search-windows", "4", "--sensitivity-windows", "4", "--n-startup", "5", "--ffn-step", "1", "--no-export",
+            "--out", str(out), *extra]
 
 
 def load(out):
