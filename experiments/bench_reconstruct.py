@@ -29,7 +29,7 @@ from pruning.masking import masked
 from pruning.metrics import perplexity
 from pruning.reconstruct import DEFAULT_DAMP, ReconstructionConfig, reconstruct
 from search.config import RunConfig
-from search.setup import USER_ERRORS, prepare
+from search.setup import prepare_or_say_why
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,10 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     config = RunConfig(model=args.model, budget=args.budget, seq_len=args.seq_len, calibration=args.calibration,
                        evaluation=args.evaluation, search_windows=args.search_windows,
                        out="runs/bench-reconstruct", export=False)
-    try:
-        setup = prepare(config)
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
+    setup = prepare_or_say_why(config)
+    if setup is None:
         return 2
     model, batch = setup.model, config.batch_size
     importance = compute_importance(model, setup.calibration, config.importance, batch)

@@ -25,7 +25,7 @@ from pruning.masking import masked
 from pruning.metrics import window_losses
 from pruning.sensitivity import Grid, measure_sensitivity
 from search.config import RunConfig
-from search.setup import USER_ERRORS, prepare
+from search.setup import prepare_or_say_why
 
 
 def whole_model_rises(model, importance, windows, grid: Grid, batch_size: int) -> dict[str, np.ndarray]:
@@ -55,10 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     config = RunConfig(model=args.model, seq_len=args.seq_len, calibration=args.calibration,
                        evaluation=args.evaluation, search_windows=max(args.windows, 2),
                        out="runs/bench-tables", export=False)
-    try:
-        setup = prepare(config)
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
+    setup = prepare_or_say_why(config)
+    if setup is None:
         return 2
     model, batch = setup.model, config.batch_size
     windows = setup.search_windows[: args.windows]

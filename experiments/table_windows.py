@@ -26,7 +26,7 @@ from pruning.sensitivity import Grid, SensitivityTable, measure_sensitivity
 from search.config import RunConfig, RunLayout
 from search.knapsack import knapsack
 from search.runner import table_windows
-from search.setup import USER_ERRORS, prepare
+from search.setup import prepare_or_say_why
 
 
 def fewer_windows(table: SensitivityTable, columns: list[int]) -> SensitivityTable:
@@ -48,10 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {layout.config} not found; --run must be a directory made by search.run", file=sys.stderr)
         return 2
     config = replace(RunConfig(**json.loads(layout.config.read_text())), out=str(layout.root))
-    try:
-        setup = prepare(config)
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
+    setup = prepare_or_say_why(config)
+    if setup is None:
         return 2
     model, batch = setup.model, config.batch_size
     importance = load_or_compute(model, setup.calibration, config.importance, layout.root, batch)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -142,3 +143,12 @@ def prepare(config: RunConfig) -> Setup:
                   source)
     setup.objective("search")  # refuses now what the objective cannot measure (e.g. too few lm-eval documents)
     return setup
+
+
+def prepare_or_say_why(config: RunConfig) -> Setup | None:
+    """`prepare(config)` for an experiment's command line: None after printing the user's error (it exits 2)."""
+    try:
+        return prepare(config)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return None
