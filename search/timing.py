@@ -20,7 +20,7 @@ run's windows (random weights and tokens: the time does not depend on their valu
                              K its calibration windows
                            + 2·E·w_b (sliced, recovered) + validations·M·w_b + R·B·TRAIN_PASSES·w_b
                            (the dense model and the unfitted slice on the held-out windows are the summary's; an
-                           objective other than perplexity measures them again: + 2·E·w)
+                           objective other than perplexity measures them again: + E·w, + E·w more when re-fitting)
 
 The constants were measured on SmolLM2-135M on 2 CPU cores (experiments/results/timing-smollm2.md).
 """
