@@ -27,9 +27,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from finetune.data import Domain
+from finetune.data import IGNORE, Domain
 from finetune.losses import chunk_positions, next_token_losses
-from pruning.topk import TopKDistribution
+from pruning.topk import TopKDistribution, log_softmax
 
 
 @dataclass(frozen=True)
@@ -85,16 +85,28 @@ def _domain_pass(model: PreTrainedModel, domain: Domain, top_k: int, temperature
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             hidden = model.get_decoder()(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"],
                                          use_cache=False).last_hidden_state  # (B, T, H)
-            nll, n, _ = next_token_losses(hidden, head, rows["labels"])
             if top_k:
-                parts.append(_top_k(hidden[:, :-1], head, top_k, temperature))
+                nll, n, buckets = _losses_and_top_k(hidden, head, rows["labels"], top_k, temperature)
+                parts.append(buckets)
+            else:
+                nll, n, _ = next_token_losses(hidden, head, rows["labels"])
         total, count = total + nll.sum().item(), count + n.sum().item()
     return total / count, parts
 
 
-def _top_k(hidden: torch.Tensor, head, k: int, temperature: float) -> TopKDistribution:
-    """Teacher buckets of (B, T-1, H) next-token hidden states, on the CPU, the LM head a chunk at a time."""
-    step = chunk_positions(hidden.shape[0], head.out_features)
-    pieces = [TopKDistribution.of_logits(head(hidden[:, c : c + step]), k, temperature).to("cpu")  # (B, t, V) logits
-              for c in range(0, hidden.shape[1], step)]
-    return TopKDistribution.cat(pieces, dim=1)
+def _losses_and_top_k(hidden: torch.Tensor, head, labels: torch.Tensor, k: int, temperature: float):
+    """(NLL summed per row (B,), labelled tokens per row (B,), teacher buckets of every next-token position on the
+    CPU) of (B, T, H) final hidden states: one LM-head pass and, at τ = 1, one log-softmax per chunk serve both."""
+    h, targets = hidden[:, :-1], labels[:, 1:]  # position t predicts token t+1
+    step = chunk_positions(h.shape[0], head.out_features)
+    nll, pieces = h.new_zeros(h.shape[0], dtype=torch.float32), []
+    for c in range(0, h.shape[1], step):
+        part = slice(c, c + step)
+        logits = head(h[:, part]).float()  # (B, t, V)
+        logp = log_softmax(logits)
+        labelled = targets[:, part] != IGNORE
+        y = targets[:, part].masked_fill(~labelled, 0).unsqueeze(-1)  # (B, t, 1)
+        nll = nll - (logp.gather(-1, y).squeeze(-1) * labelled).sum(1)
+        tempered = logp if temperature == 1 else log_softmax(logits, temperature)
+        pieces.append(TopKDistribution.of_log_probs(tempered, k).to("cpu"))
+    return nll, (targets != IGNORE).sum(1), TopKDistribution.cat(pieces, dim=1)

@@ -41,7 +41,11 @@ class TopKDistribution:
     @classmethod
     def of_logits(cls, logits: torch.Tensor, k: int, temperature: float = 1.0) -> TopKDistribution:
         """Buckets of softmax(logits / τ), logits (..., V); on the logits' device (k is capped at V)."""
-        logp = log_softmax(logits, temperature)  # (..., V)
+        return cls.of_log_probs(log_softmax(logits, temperature), k)
+
+    @classmethod
+    def of_log_probs(cls, logp: torch.Tensor, k: int) -> TopKDistribution:
+        """Buckets of a float32 log-distribution (..., V) already normalised (k is capped at V)."""
         top, ids = logp.topk(min(k, logp.shape[-1]), dim=-1)  # (..., k)
         return cls(top, ids.int(), rest_log_mass(logp, ids))
 

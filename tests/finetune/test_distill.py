@@ -63,6 +63,22 @@ def test_dense_reference_loss_is_log_perplexity_and_targets_have_their_shapes(wi
         dense_reference(model, [lm_domain("a", windows)], top_k=86)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_dense_reference_targets_and_losses_come_from_one_head_pass_equal_to_the_models_logits(windows, temperature):
+    windows = windows[:5] % 86
+    model = char_model("llama")
+    ref = dense_reference(model, [lm_domain("a", windows)], top_k=7, temperature=temperature, batch_size=2)
+    with torch.no_grad():
+        logits = model(input_ids=windows).logits[:, :-1]
+    want = TopKDistribution.of_logits(logits, 7, temperature)
+    got = ref.targets["a"]
+    torch.testing.assert_close(got.top_logp, want.top_logp, atol=1e-5, rtol=0)
+    assert torch.equal(got.top_ids, want.top_ids)
+    torch.testing.assert_close(got.rest_logp, want.rest_logp, atol=1e-5, rtol=0)
+    nll = F.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten())
+    assert ref.losses["a"] == pytest.approx(nll.item(), abs=1e-5)
+
+
 @pytest.mark.parametrize("with_teacher", [False, True])
 def test_chunked_losses_equal_the_whole_logits_computation(monkeypatch, with_teacher):
     g = torch.Generator().manual_seed(4)
