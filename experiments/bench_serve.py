@@ -1,22 +1,28 @@
 """Serving speed where a pruned model is served: llama.cpp, dense vs pruned GGUF exports, ratios measured in one run.
 
     python -m experiments.bench_serve [--threads 2] [--prompt 128] [--decode 32] [--repeats 3] [--no-tinyllama]
+                                      [--model DIR|FILE.gguf] [--architecture best_architecture.json ...]
                                       [--out experiments/results/bench-serve.md]
 
 Models:
-  - the shipped reference model and its exports with 35% and 50% of the parameters removed, at the
-    search space's importance-threshold allocation (one of the search's own non-uniform starting
-    candidates; FFN widths multiples of 32);
-  - a TinyLlama-1.1B-shaped model with random weights (22 layers, hidden 2048, 32 heads over 4 KV
-    groups, FFN 5632, vocab 32000; speed depends on shapes, not weights), pruned to the reference's
-    shapes scaled up: each of its 22 layers takes the attention and FFN shares of the reference layer at
-    the same relative depth, projected onto the same removed fraction.
+  - the shipped reference model, or the one `--model` names (a real one:
+    `--model "$(python -m experiments.models smollm2-135m)"`), and its exports with 35% and 50% of the
+    parameters removed, at the search space's importance-threshold allocation (one of the search's own
+    non-uniform starting candidates; FFN widths multiples of 32), and at each `--architecture` given (a
+    run's `best_architecture.json`: the searched shapes);
+  - without `--model`, a TinyLlama-1.1B-shaped model with random weights (22 layers, hidden 2048, 32 heads
+    over 4 KV groups, FFN 5632, vocab 32000; speed depends on shapes, not weights), pruned to the
+    reference's shapes scaled up: each of its 22 layers takes the attention and FFN shares of the reference
+    layer at the same relative depth, projected onto the same removed fraction.
 
 Each is written as GGUF f16 and Q8_0 and loaded in llama.cpp (llama-cpp-python). Prefill: one batch of
 --prompt tokens; decode: --decode single tokens after it (the KV cache in use). Best of --repeats, with
 the dense and pruned models of one type taking turns, so load from other jobs on a shared machine hits
 them alike. transformers (f32, the same modules the exported remote code builds, KV cache on) is timed
 on the same threads, side by side. Ratios are pruned ÷ dense of the same engine and type.
+
+Agreement, per variant of the first model: the f32 GGUF in llama.cpp against transformers on the prompt
+(max |Δlogit| over every position) and whether the --decode greedy tokens after it are identical.
 """
 
 from __future__ import annotations
@@ -92,21 +98,29 @@ def engine_speeds(paths: dict[str, Path], ids: list[int], n_prompt: int, threads
     return best
 
 
-def reference_variants(tokenizer) -> tuple[list, dict]:
-    """[(name, arch, build)] for the reference model, and the fractions of its pruned shapes."""
-    dense = adapter.load_model(reference.MODEL_DIR, torch.device("cpu"))
+def model_variants(model_path: str | Path, tokenizer, architectures: list[Path]) -> tuple[list, dict]:
+    """[(name, arch, build)] for the model: dense, the threshold allocation at each of REMOVED and each given
+    architecture ("searched -30%", named by what it removes); and the fractions of the threshold shapes."""
+    cpu = torch.device("cpu")
+    dense = adapter.load_model(model_path, cpu)
     calibration = token_windows(tokenizer, reference.CALIBRATION_TEXT.read_text(), 128, 32)
     importance = compute_importance(dense, calibration)
     spec = adapter.model_spec(dense)
     full = Architecture.full(spec)
-    variants, fractions = [("dense", full, lambda: dense)], {}
+    variants, fractions, pruned = [("dense", full, lambda: dense)], {}, []
     for removed in REMOVED:
         space = SearchSpace(spec, int(full.params() * (1 - removed)), ffn_step=FFN_STEP)
         arch = space.threshold(importance)
         fractions[removed] = space.fractions(arch)
-        build = (lambda a: lambda: slice_model(adapter.load_model(reference.MODEL_DIR, torch.device("cpu")), a,
-                                               importance))(arch)
-        variants.append((f"-{removed:.0%}", arch, build))
+        pruned.append((f"-{removed:.0%}", arch))
+    for path in architectures:
+        arch = Architecture.from_json(path.read_text())
+        if arch.spec != spec:
+            raise SystemExit(f"error: {path} is an architecture of {arch.spec.base_model}, not of {model_path}")
+        pruned.append((f"searched -{1 - arch.params() / full.params():.0%}", arch))
+    for name, arch in pruned:
+        build = (lambda a: lambda: slice_model(adapter.load_model(model_path, cpu), a, importance))(arch)
+        variants.append((name, arch, build))
     return variants, fractions
 
 
@@ -133,8 +147,35 @@ def tinyllama_variants(fractions: dict) -> list:
     return variants
 
 
-def bench(label: str, variants: list, tokenizer, ids: list[int], args, workdir: Path) -> list[dict]:
-    """Rows of the table for one base model: transformers, then llama.cpp at every type."""
+def agreement(model, path: Path, ids: list[int], n_prompt: int, threads: int) -> dict:
+    """The f32 GGUF at `path` against `model` (transformers): max |Δlogit| over the prompt's positions, and
+    whether the greedy continuation of len(ids) - n_prompt tokens after the prompt is the same token for token."""
+    import llama_cpp
+
+    prompt, n_new = ids[:n_prompt], len(ids) - n_prompt
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(ids) + 8, n_batch=n_prompt, n_threads=threads,
+                          n_threads_batch=threads, logits_all=True, verbose=False)
+    try:
+        llm.eval(prompt)
+        engine_logits = np.array(llm.scores[:n_prompt], dtype=np.float64)  # (T, V)
+        engine_tokens = []
+        for _ in range(n_new):
+            engine_tokens.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            llm.eval(engine_tokens[-1:])
+    finally:
+        llm.close()
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([prompt])).logits[0].double().numpy()
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False)
+    ours = out[0, n_prompt:].tolist()
+    return dict(max_abs_logit_diff=float(np.abs(engine_logits - logits).max()), logit_std=float(logits.std()),
+                greedy_same=ours == engine_tokens, greedy_tokens=n_new)
+
+
+def bench(label: str, variants: list, tokenizer, ids: list[int], args, workdir: Path,
+          agree: list[dict] | None = None) -> list[dict]:
+    """Rows of the table for one base model: transformers, then llama.cpp at every type; with `agree`, the f32
+    GGUF's agreement with transformers is appended there, one row per variant."""
     rows, paths, params = [], {t: {} for t in TYPES}, {}
     torch.set_num_threads(args.threads)
     for name, arch, build in variants:
@@ -142,6 +183,10 @@ def bench(label: str, variants: list, tokenizer, ids: list[int], args, workdir: 
         params[name] = arch.params()
         prefill, decode = transformers_speed(model, ids, args.prompt, args.repeats)
         rows.append(dict(model=label, variant=name, engine="transformers f32", prefill=prefill, decode=decode))
+        if agree is not None:
+            f32 = export_gguf(model, arch, tokenizer, workdir / f"{label}{name}-f32.gguf", "f32", force=True)
+            agree.append(dict(model=label, variant=name, **agreement(model, f32, ids, args.prompt, args.threads)))
+            f32.unlink()
         for t in TYPES:
             paths[t][name] = export_gguf(model, arch, tokenizer, workdir / f"{label}{name}-{t}.gguf", t, force=True)
         del model
@@ -187,26 +232,40 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode", type=int, default=32, help="decoded tokens (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="best of this many runs (default: %(default)s)")
     p.add_argument("--no-tinyllama", dest="tinyllama", action="store_false", help="only the reference model")
+    p.add_argument("--model", help="a model directory or .gguf file to bench instead of the shipped reference "
+                                   "(the TinyLlama shape is then left out)")
+    p.add_argument("--architecture", type=Path, action="append", default=[],
+                   help="an architecture JSON of that model (a run's best_architecture.json) to bench as well; "
+                        "repeat for more")
     p.add_argument("--out", type=Path, help="also write the table (markdown) here")
     args = p.parse_args(argv)
     if args.prompt < 1 or args.decode < 1 or args.repeats < 1 or args.threads < 1:
         print("error: --prompt, --decode, --repeats and --threads must be at least 1", file=sys.stderr)
         return 2
-    tokenizer = adapter.load_tokenizer(reference.MODEL_DIR)
+    missing = [str(a) for a in args.architecture if not a.is_file()]
+    if missing:
+        print(f"error: no architecture file {', '.join(missing)}; give a run's best_architecture.json", file=sys.stderr)
+        return 2
+    model_path = args.model or reference.MODEL_DIR
+    label = Path(args.model).stem if args.model else "reference"
+    tokenizer = adapter.load_tokenizer(model_path)
     text = reference.EVALUATION_TEXT.read_text()
     ids = tokenizer(text[:20000], add_special_tokens=False)["input_ids"][: args.prompt + args.decode]
     started = time.time()
+    agree: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
-        variants, fractions = reference_variants(tokenizer)
-        rows, layers = bench("reference", variants, tokenizer, ids, args, Path(tmp)), shapes("reference", variants)
-        if args.tinyllama:
+        variants, fractions = model_variants(model_path, tokenizer, args.architecture)
+        rows, layers = bench(label, variants, tokenizer, ids, args, Path(tmp), agree), shapes(label, variants)
+        if args.tinyllama and not args.model:
             variants = tinyllama_variants(fractions)
             rows += bench("tinyllama-1.1b-shape", variants, tokenizer, ids, args, Path(tmp))
             layers += shapes("tinyllama-1.1b-shape", variants)
     text = (f"{args.threads} threads, prompt {args.prompt} tokens, decode {args.decode} tokens, best of "
             f"{args.repeats}; tokens/s; ratios pruned ÷ dense of the same engine ({time.time() - started:.0f} s)\n\n"
-            + table(rows) + "\n\nPruned shapes, query heads/KV heads/FFN channels per layer (- = dropped):\n\n"
-            + layers)
+            + table(rows) + f"\n\nf32 GGUF in llama.cpp against transformers ({label}; logits over the "
+            f"{args.prompt}-token prompt, greedy over the {args.decode} tokens after it):\n\n"
+            + pd.DataFrame(agree).to_markdown(index=False, floatfmt=".2e")
+            + "\n\nPruned shapes, query heads/KV heads/FFN channels per layer (- = dropped):\n\n" + layers)
     print(text)
     if args.out:
         args.out.write_text(provenance.header("experiments.bench_serve", argv) + text, encoding="utf-8")

@@ -11,6 +11,10 @@ removing the hooks restores the model bit for bit. Under no_grad/inference the
 mask multiplies the (freshly computed, unshared) projection input in place, so
 evaluation allocates nothing but the masks (see experiments/bench_engine.py for
 the time and memory ratios).
+
+Masking computes at the dense model's cost. `as_candidate` is what measuring code uses: where the kept
+weights of the pruned layers fit twice over in free memory it measures `slicing.sliced_view` instead
+(the same function to float rounding, at the smaller model's cost), else the masked model.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from transformers import PreTrainedModel
 from pruning import adapter
 from pruning.architecture import Architecture
 from pruning.importance import Importance
+from pruning.slicing import sliced_view
 
 
 def unit_masks(arch: Architecture, importance: Importance, layer: int,
@@ -73,3 +78,33 @@ def masked(model: PreTrainedModel, arch: Architecture, importance: Importance) -
     finally:
         for h in handles:
             h.remove()
+
+
+@contextmanager
+def as_candidate(model: PreTrainedModel, arch: Architecture, importance: Importance) -> Iterator[PreTrainedModel]:
+    """Within the block, `model` computes what `arch` sliced from it computes: a sliced view when its copies
+    fit (module docstring), else masks. On exit the model is as it was."""
+    param = next(model.parameters())
+    view = sliced_view if 2 * view_bytes(arch, param.element_size()) <= free_bytes(param.device) else masked
+    with view(model, arch, importance):
+        yield model
+
+
+def view_bytes(arch: Architecture, element_size: int) -> int:
+    """Bytes `sliced_view` copies: the kept weights of every layer `arch` prunes."""
+    s, full = arch.spec, Architecture.full(arch.spec).layers
+    kept = sum(s.attention_params(x.kv_heads, x.heads_per_group) + s.mlp_params(x.ffn_channels)
+               for x, dense in zip(arch.layers, full, strict=True) if x != dense)
+    return kept * element_size
+
+
+def free_bytes(device: torch.device) -> int:
+    """Free memory on `device`: the GPU's free bytes, or the host's available RAM (0 where /proc/meminfo is not)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+    except OSError:
+        return 0
+    return int(info["MemAvailable"].split()[0]) * 1024

@@ -10,7 +10,7 @@ A multiple-choice knapsack over the search space's discrete choices, solved exac
                budget (1 - tolerance) <= shared + sum params * (x, y) <= budget
 
 Costs come from a `SensitivityTable` (`level_costs`); the sampler re-solves with costs it
-perturbs or corrects.
+perturbs or corrects. "Exactly" is up to HiGHS's relative gap, `MIP_GAP`.
 """
 
 from __future__ import annotations
@@ -21,6 +21,11 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from pruning.architecture import Architecture, LayerShape
 from pruning.sensitivity import SensitivityTable
 from search.space import InfeasibleBudgetError, SearchSpace
+
+# HiGHS stops within this share of the optimum's cost: on SmolLM2's table (30 layers, 193 FFN widths each) a solve
+# took 0.58 s against 2.03 s at HiGHS's own 1e-4, the same architectures on 5 of 5 tilts; 0.1% of the additive
+# cost is far below the table's own error (the search finds 15-20% below the knapsack's perplexity)
+MIP_GAP = 1e-3
 
 
 def level_costs(space: SearchSpace, table: SensitivityTable) -> tuple[np.ndarray, np.ndarray]:
@@ -52,7 +57,7 @@ def solve(space: SearchSpace, attn_cost: np.ndarray, ffn_cost: np.ndarray) -> Ar
         bounds=Bounds(0, upper),
         constraints=[LinearConstraint(one_per_sublayer, 1, 1),
                      LinearConstraint(params, space.lower_bound() / scale - shared, 1 - shared)],
-        options={"time_limit": 60},
+        options={"time_limit": 60, "mip_rel_gap": MIP_GAP},
     )
     if result.x is None:
         raise InfeasibleBudgetError(f"no architecture of this space fits {space.budget:,} parameters: {result.message}")

@@ -33,7 +33,9 @@ keeps float32 weights, gradients and two Adam moments: 16 bytes per parameter.
 The recovery stages are planned only when the run recovers (export and steps > 0);
 the run checkpoints on CUDA only, so that is the LoRA row the verdict reads.
 
-A trial measures `--search-windows` windows at full width (masking zeroes, it does not skip):
+A trial measures `--search-windows` windows, at full width where it masks (masking zeroes, it does not
+skip; `pruning.masking.candidate` slices instead where the copy fits twice in free memory, and the trial is then
+cheaper than this bound):
 
     flops ≈ windows·T·(2·P_layers + 2·L·T·n_q·d + 2·H·V)
     seconds ≥ flops / rate, rate = a measured 1024³ matmul at the run's dtype on the device (a lower bound)
@@ -54,6 +56,7 @@ import torch
 
 from pruning import adapter
 from pruning.architecture import Architecture, format_count
+from pruning.masking import free_bytes
 from pruning.sensitivity import Grid
 from search import samplers
 from search.budget import parse_budget
@@ -220,9 +223,7 @@ def device_capacity(device: torch.device) -> int:
     """Bytes of memory the run may use: the GPU's total, or the host's available RAM."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
-    with open("/proc/meminfo") as f:
-        info = dict(line.split(":", 1) for line in f)
-    return int(info["MemAvailable"].split()[0]) * 1024
+    return free_bytes(device)
 
 
 def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 1024) -> float:

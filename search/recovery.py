@@ -18,7 +18,7 @@ from finetune.evaluate import EvalData, evaluate, validation_metric
 from finetune.recover import RecoveryConfig, recover
 from pruning.architecture import Architecture
 from pruning.importance import Importance, load_or_compute
-from pruning.masking import masked
+from pruning.masking import as_candidate
 from pruning.metrics import perplexity
 from pruning.reconstruct import (
     DAMP_CHOICES,
@@ -224,7 +224,7 @@ def refit_selected(model, arch: Architecture, importance: Importance, setup: Set
     where none lowers the unfitted slice's, the dense weights are put back. Selected on validation data, as
     recovery is. Holds a CPU copy of the o_proj / down_proj weights meanwhile."""
     config, windows = setup.config, setup.search_windows
-    with masked(model, arch, importance):
+    with as_candidate(model, arch, importance):
         without = perplexity(model, windows, config.batch_size)
     saved = output_projections(model)
     began, tried = time.perf_counter(), []
@@ -232,7 +232,8 @@ def refit_selected(model, arch: Architecture, importance: Importance, setup: Set
         if i:
             restore(saved)  # the dense weights again before the next re-fit
         reconstruct(model, arch, importance, setup.calibration, replace(reconstruction_settings(config), damp=damp))
-        tried.append((damp, perplexity(model, windows, config.batch_size)))  # removed columns are zero: pruned
+        with as_candidate(model, arch, importance):  # removed columns are zero: the slice computes the same
+            tried.append((damp, perplexity(model, windows, config.batch_size)))
     refit = Refit(without, tuple(tried), 0.0)
     if refit.damp is None:
         restore(saved)
@@ -248,7 +249,7 @@ def _reconstruct_if_better(setup: Setup, arch: Architecture, importance: Importa
     """`refit_selected` on the run's model, with the held-out slice without it measured for the record (unless
     given)."""
     if unreconstructed is None:
-        with masked(setup.model, arch, importance):
+        with as_candidate(setup.model, arch, importance):
             unreconstructed = measure(setup.model, "unfitted")
     refit = refit_selected(setup.model, arch, importance, setup)
     return {"unreconstructed": dict(unreconstructed), "reconstruction_seconds": refit.seconds,

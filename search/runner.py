@@ -32,7 +32,7 @@ from pruning.architecture import Architecture
 from pruning.data import evenly_spaced
 from pruning.files import write_atomic
 from pruning.importance import Importance, load_or_compute
-from pruning.masking import masked
+from pruning.masking import as_candidate
 from pruning.metrics import perplexity
 from pruning.sensitivity import Grid, SensitivityTable, measure_sensitivity
 from search import objectives, samplers
@@ -262,7 +262,7 @@ class SearchRun:
         rivals = rival_architectures(setup, started.importance, started.tables)
         metrics = {"base": held_out_metrics(setup, "base")}
         for name, arch in rivals:
-            with masked(setup.model, arch, started.importance):
+            with as_candidate(setup.model, arch, started.importance):
                 metrics[name] = held_out_metrics(setup, name)
         StudyRecord(baselines=metrics).to_study(study)
         return Baselines(metrics)
@@ -294,7 +294,7 @@ class SearchRun:
         the summary (JSON, Markdown, dashboard note and plots) and the best architecture."""
         setup, study, c = started.setup, started.study, started.setup.config
         arch = searched.architecture
-        with self._stage("summary (held-out)"), masked(setup.model, arch, started.importance):
+        with self._stage("summary (held-out)"), as_candidate(setup.model, arch, started.importance):
             values = {**baselines.metrics, "searched": held_out_metrics(setup, "searched")}
         self._fit_predictor(started)
         complete = count_trials(study, TrialState.COMPLETE)

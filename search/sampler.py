@@ -194,7 +194,8 @@ class PredictorSampler(BaseSampler):
         """Mutations of the top quarter (40%; with a table half of them are swaps), crossovers among it
         (20%), fresh random candidates (40%, so the predictor can send the search to regions no measured
         trial is near) and, with a table, the tilted knapsacks, the knapsack re-solved on costs corrected by the
-        measured pairs and 3 perturbations of it, and the local knapsacks (HiGHS takes ~0.3 s for each solve)."""
+        measured pairs and 3 perturbations of it, and the local knapsacks (HiGHS takes ~0.6 s for each solve of
+        SmolLM2's 30 layers)."""
         elite = [archs[i] for i in np.argsort(values)[: max(2, len(archs) // 4)]]
         n = self.pool_size
         pool = []

@@ -5,18 +5,20 @@ run's windows (random weights and tokens: the time does not depend on their valu
 
     w_l   one decoder layer                                         (measured)
     w_h   the embedding, final norm, LM head and loss               (measured)
-    w     = L·w_l + w_h   the model; a masked candidate costs w too (masking zeroes units, it skips none)
-    w_b   = w_h + L·w_l·P_b'/P'   the sliced model (P' the decoder's parameters, P_b' the budget's share of them)
+    w     = L·w_l + w_h   the model
+    w_b   = w_h + L·w_l·P_b'/P'   the sliced model (P' the decoder's parameters, P_b' the budget's share of them);
+                                  a candidate costs w_b too, measured as a sliced view (`pruning.masking.as_candidate`;
+                                  masked, where the copy does not fit, it costs w)
 
     stage                  seconds (C calibration, S sensitivity, M search, E held-out windows; R = --recover-steps)
     importance             C·w (taylor: 3·C·w, its backward too)
     tables                 S·Σ over each option of layer i of ((L-i)·w_l + w_h), the base pass and the stream L·w_l;
                            the local table at its bound (`plan.table_windows`), its options spread over the layers
-    baselines (held-out)   (1 + rivals)·E·w
-    trials                 trials·M·w·(the objective's relative cost) + PREDICTOR_S per trial
-    summary (held-out)     E·w
+    baselines (held-out)   E·w + rivals·E·w_b
+    trials                 trials·M·w_b·(the objective's relative cost) + PREDICTOR_S per trial
+    summary (held-out)     E·w_b
     export                 distillation targets TEACHER_PASSES·N·w (N = min(--recover-windows, R·B))
-                           + re-fit: M·w (the unfitted slice) + per damping (REFIT_PASSES·K·L·w_l + M·w),
+                           + re-fit: M·w_b (the unfitted slice) + per damping (REFIT_PASSES·K·L·w_l + M·w_b),
                              K its calibration windows
                            + 2·E·w_b (sliced, recovered) + validations·M·w_b + R·B·TRAIN_PASSES·w_b
                            (the dense model and the unfitted slice on the held-out windows are the summary's; an
@@ -142,10 +144,10 @@ def estimate(config: RunConfig, model_config: PretrainedConfig, cost: WindowCost
     needs_tables = samplers.needs_tables(config.sampler)
     if needs_tables:
         stages["tables"] = _tables_seconds(config, spec, cost)
-    stages["baselines (held-out)"] = (3 + needs_tables) * E * w
-    trial = M * w * objective_class(config.objective).relative_cost + PREDICTOR_S
+    stages["baselines (held-out)"] = E * w + (2 + needs_tables) * E * w_b
+    trial = M * w_b * objective_class(config.objective).relative_cost + PREDICTOR_S
     stages["trials"] = config.trials * trial
-    stages["summary (held-out)"] = E * w
+    stages["summary (held-out)"] = E * w_b
     if config.export:
         stages["export (re-fit, LoRA, write)"] = _export_seconds(config, cost, w, w_b, E)
     return TimePlan(stages, cost)
@@ -170,7 +172,7 @@ def _export_seconds(config: RunConfig, cost: WindowCost, w: float, w_b: float, E
     if config.reconstruct:  # the unfitted slice on the search windows, then each damping's re-fit
         damps = len(DAMP_CHOICES) if config.reconstruct_damp is None else 1
         K = min(ReconstructionConfig().windows, config.calibration_windows)
-        seconds += M * w + damps * (REFIT_PASSES * K * (w - cost.head) + M * w)
+        seconds += M * w_b + damps * (REFIT_PASSES * K * (w - cost.head) + M * w_b)
     seconds += E * w_b  # the slice
     if config.recover_steps > 0:
         if config.distill > 0:

@@ -22,7 +22,7 @@ from transformers import PreTrainedModel
 
 from pruning.architecture import Architecture
 from pruning.importance import Importance
-from pruning.masking import masked
+from pruning.masking import as_candidate
 from search.objectives import Objective
 from search.space import SearchSpace
 from search.trials import architecture_json, to_loss, write_candidate, write_outcome
@@ -52,7 +52,7 @@ class TrialObjective:
         start = time.perf_counter()
         name = self.metric.name
         try:
-            with masked(self.model, arch, self.importance):
+            with as_candidate(self.model, arch, self.importance):
                 score = self.metric(self.model)
         except torch.OutOfMemoryError:
             write_outcome(trial, name, time.perf_counter() - start, error="out of memory")

@@ -9,8 +9,9 @@ import torch
 from pruning import adapter
 from pruning.architecture import Architecture, LayerShape
 from pruning.importance import compute_importance
-from pruning.masking import masked
-from pruning.slicing import slice_model
+from pruning import masking
+from pruning.masking import as_candidate, masked
+from pruning.slicing import slice_model, sliced_view
 from tests.conftest import tiny_model
 
 CASES = list(itertools.product(["llama", "mistral", "qwen2"], [False, True]))
@@ -60,6 +61,41 @@ def test_restore_after_masking_is_bit_identical(windows):
         assert not torch.equal(logits(model, windows), before)
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     assert torch.equal(logits(model, windows), before)
+
+
+@pytest.mark.parametrize(("family", "tie"), CASES)
+def test_sliced_view_equals_masked_and_puts_every_module_back(family, tie, windows):
+    model = tiny_model(family, tie, attention_bias=True) if family == "llama" else tiny_model(family, tie)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    modules = list(model.modules())
+    before = logits(model, windows)
+    importance = compute_importance(model, windows, "wanda", batch_size=4)
+    arch = Architecture(adapter.model_spec(model), SHAPES)
+    with masked(model, arch, importance):
+        expected = logits(model, windows)
+    with sliced_view(model, arch, importance):
+        assert numel(model) == arch.params()  # the smaller model while inside
+        torch.testing.assert_close(logits(model, windows), expected, atol=1e-5, rtol=0)
+    assert list(model.modules()) == modules
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(logits(model, windows), before)
+
+
+def test_as_candidate_slices_when_the_copy_fits_and_masks_when_it_does_not(monkeypatch, windows):
+    model = tiny_model("llama")
+    importance = compute_importance(model, windows)
+    arch = Architecture(adapter.model_spec(model), SHAPES)
+    dense_o = adapter.layer_parts(adapter.decoder_layers(model)[0]).o
+    copy_bytes = masking.view_bytes(arch, 4)
+    kept = sum(arch.spec.attention_params(x.kv_heads, x.heads_per_group) + arch.spec.mlp_params(x.ffn_channels)
+               for x in arch.layers)  # every layer of SHAPES is pruned
+    assert copy_bytes == 4 * kept
+    for free, sliced in ((2 * copy_bytes, True), (2 * copy_bytes - 1, False)):
+        monkeypatch.setattr(masking, "free_bytes", lambda device, free=free: free)
+        with as_candidate(model, arch, importance):
+            o = adapter.layer_parts(adapter.decoder_layers(model)[0]).o
+            assert (o is not dense_o) == sliced
+            assert (o.in_features < dense_o.in_features) == sliced
 
 
 def test_masking_under_autograd_matches_inference(windows):

@@ -27,11 +27,13 @@ def test_stages_are_their_windows_times_the_window_cost(tiny_model_dir):
     spec = adapter.spec_from_config(model_config, c.model)
     L, E, M = spec.num_layers, FINAL_EVAL_WINDOWS - 8, 8
     p = estimate(c, model_config, WindowCost(layer=1.0, head=10.0))
-    w = L * 1.0 + 10.0
+    params, shared = Architecture.full(spec).params(), spec.shared_params()
+    w, w_b = L * 1.0 + 10.0, 10.0 + L * (math.floor(0.6 * params) - shared) / (params - shared)
     assert list(p.stages) == ["importance", "tables", "baselines (held-out)", "trials", "summary (held-out)"]
-    assert p.stages["importance"] == 16 * w and p.stages["summary (held-out)"] == E * w
-    assert p.stages["baselines (held-out)"] == 4 * E * w  # dense, uniform, threshold, knapsack
-    assert p.stages["trials"] == 5 * (M * w + PREDICTOR_S)
+    assert p.stages["importance"] == 16 * w and p.stages["summary (held-out)"] == pytest.approx(E * w_b)
+    # the dense model; uniform, threshold and knapsack as sliced views
+    assert p.stages["baselines (held-out)"] == pytest.approx(E * w + 3 * E * w_b)
+    assert p.stages["trials"] == pytest.approx(5 * (M * w_b + PREDICTOR_S))
     assert p.total == pytest.approx(sum(p.stages.values()))
     # the head runs once per window the tables measure; the layers only from the option's own layer down
     assert estimate(c, model_config, WindowCost(0.0, 1.0)).stages["tables"] == table_windows(c, spec)
