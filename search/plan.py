@@ -9,7 +9,8 @@ top-k, r --lora-rank, N --recover-windows, D training domains.
     W_b     = P_b · s                               the pruned weights
     act     = B·T·(2H + (n_q + 2 n_kv)·d + 3I)·s     one decoder layer's live tensors in a forward pass
     saved   = B·T·(4H + (n_q + 2 n_kv)·d + 4I)·s     one layer's tensors kept for backward
-    lora_in = B·T·(5H + n_q·d + I)·s                 LoRA's dropout copies of one layer's adapted inputs
+    lora_in = B·T·(5H + n_q·d + I)·s                 LoRA's dropout copies of one layer's adapted inputs (none at
+                                                     dropout 0, the default: an upper bound)
     attn    = B·n_q·T²·4 on the CPU                  the math SDPA kernel's scores (flash kernels on CUDA: 0)
     logits  = B·T·V·s                               a plain forward's full logits
     chunk   = min(B·(T-1), 4096)·V·(s + 4)           perplexity's LM-head chunk and its float32 copy
