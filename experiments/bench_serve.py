@@ -100,7 +100,8 @@ def engine_speeds(paths: dict[str, Path], ids: list[int], n_prompt: int, threads
 
 def model_variants(model_path: str | Path, tokenizer, architectures: list[Path]) -> tuple[list, dict]:
     """[(name, arch, build)] for the model: dense, the threshold allocation at each of REMOVED and each given
-    architecture ("searched -30%", named by what it removes); and the fractions of the threshold shapes."""
+    architecture (named by its file and what it removes: "best_architecture -30%"); and the fractions of the
+    threshold shapes."""
     cpu = torch.device("cpu")
     dense = adapter.load_model(model_path, cpu)
     calibration = token_windows(tokenizer, reference.CALIBRATION_TEXT.read_text(), 128, 32)
@@ -117,7 +118,7 @@ def model_variants(model_path: str | Path, tokenizer, architectures: list[Path])
         arch = Architecture.from_json(path.read_text())
         if arch.spec != spec:
             raise SystemExit(f"error: {path} is an architecture of {arch.spec.base_model}, not of {model_path}")
-        pruned.append((f"searched -{1 - arch.params() / full.params():.0%}", arch))
+        pruned.append((f"{path.stem} -{1 - arch.params() / full.params():.0%}", arch))
     for name, arch in pruned:
         build = (lambda a: lambda: slice_model(adapter.load_model(model_path, cpu), a, importance))(arch)
         variants.append((name, arch, build))

@@ -50,14 +50,15 @@ from search.objectives import objective_class
 from search.plan import table_windows
 from search.setup import run_dtype
 
-# measured on SmolLM2-135M's default run (2 CPU cores): a LoRA step of 8 windows took 15.0 s, 5.0 forward passes of
-# the sliced model per window (forward and backward, the head's loss in closed form); the dense model's top-k
-# targets 1.6 of its forward passes per window (the top-k of a 49,152-token vocabulary at every position); a
-# trial took 6 s more than its windows (fitting the predictor, ranking its candidates, the study's database)
-TRAIN_PASSES = 5.0
-TEACHER_PASSES = 1.6
+# measured on SmolLM2-135M's default run (2 CPU cores, experiments/results/timing-smollm2.md): a LoRA step of 8
+# windows 3.5 forward passes of the sliced model per window (forward and backward, the head's loss in closed form,
+# no dropout); the dense model's top-k targets 1.25 of its forward passes per window (one head pass serves the loss
+# and the top-k of a 49,152-token vocabulary); a trial 3.5 s more than its windows (the knapsack solves, fitting
+# the predictor and ranking its candidates, the study's database)
+TRAIN_PASSES = 3.5
+TEACHER_PASSES = 1.25
 REFIT_PASSES = 2.0  # a re-fit runs each layer on the pruned and the dense stream
-PREDICTOR_S = 6.0
+PREDICTOR_S = 3.5
 
 
 @dataclass(frozen=True)

@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from pruning import adapter
+from pruning import adapter, masking
 from pruning.architecture import Architecture, LayerShape
 from pruning.importance import compute_importance
-from pruning import masking
 from pruning.masking import as_candidate, masked
 from pruning.slicing import slice_model, sliced_view
 from tests.conftest import tiny_model
