@@ -28,7 +28,7 @@ from transformers import PreTrainedModel
 from pruning import adapter
 from pruning.architecture import Architecture
 from pruning.importance import Importance
-from pruning.slicing import sliced_view
+from pruning.slicing import check_architecture, sliced_view
 
 
 def unit_masks(arch: Architecture, importance: Importance, layer: int,
@@ -60,11 +60,7 @@ def _mask_hook(mask: torch.Tensor):
 @contextmanager
 def masked(model: PreTrainedModel, arch: Architecture, importance: Importance) -> Iterator[PreTrainedModel]:
     """Within the block, `model` computes what `arch` sliced from it would compute."""
-    spec = adapter.model_spec(model)
-    if (spec.num_layers, spec.num_heads, spec.intermediate_size) != (
-        arch.spec.num_layers, arch.spec.num_heads, arch.spec.intermediate_size
-    ):
-        raise ValueError(f"architecture is for {arch.spec.base_model}, not for this model ({spec.base_model})")
+    check_architecture(model, arch)
     param = next(model.parameters())
     handles = []
     try:

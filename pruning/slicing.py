@@ -85,7 +85,7 @@ def sliced_view(model: PreTrainedModel, arch: Architecture, importance: Importan
     weights) that are then sliced: the kept weights are copied once, at most the pruned model's
     decoder weights in extra memory, and the dense modules themselves are never modified.
     """
-    _check_shapes(model, arch)
+    check_architecture(model, arch)
     full = Architecture.full(arch.spec).layers
     saved: list[tuple[nn.Module, dict[str, nn.Module]]] = []
     try:
@@ -110,7 +110,8 @@ def _shell(module: nn.Module) -> nn.Module:
     return shell
 
 
-def _check_shapes(model: PreTrainedModel, arch: Architecture) -> None:
+def check_architecture(model: PreTrainedModel, arch: Architecture) -> None:
+    """Refuse an architecture of another model (layers, heads or FFN width differ)."""
     spec = adapter.model_spec(model)
     if (spec.num_layers, spec.num_heads, spec.intermediate_size) != (
         arch.spec.num_layers, arch.spec.num_heads, arch.spec.intermediate_size

@@ -35,7 +35,7 @@ The recovery stages are planned only when the run recovers (export and steps > 0
 the run checkpoints on CUDA only, so that is the LoRA row the verdict reads.
 
 A trial measures `--search-windows` windows, at full width where it masks (masking zeroes, it does not
-skip; `pruning.masking.candidate` slices instead where the copy fits twice in free memory, and the trial is then
+skip; `pruning.masking.as_candidate` slices instead where the copy fits twice in free memory, and the trial is then
 cheaper than this bound):
 
     flops ≈ windows·T·(2·P_layers + 2·L·T·n_q·d + 2·H·V)
