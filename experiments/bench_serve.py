@@ -119,7 +119,7 @@ def model_variants(model_path: str | Path, tokenizer, architectures: list[Path])
     for path in architectures:
         arch = Architecture.from_json(path.read_text())
         if arch.spec != spec:
-            raise SystemExit(f"error: {path} is an architecture of {arch.spec.base_model}, not of {model_path}")
+            raise ValueError(f"{path} is an architecture of {arch.spec.base_model}, not of {model_path}")
         pruned.append((f"{path.stem} -{1 - arch.params() / full.params():.0%}", arch))
     for name, arch in pruned:
         build = (lambda a: lambda: slice_model(adapter.load_model(model_path, cpu), a, importance))(arch)
@@ -258,7 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     agree: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
-        variants, fractions = model_variants(model_path, tokenizer, args.architecture)
+        try:
+            variants, fractions = model_variants(model_path, tokenizer, args.architecture)
+        except ValueError as err:
+            print(f"error: {err}; give an architecture of the model benched", file=sys.stderr)
+            return 2
         rows, layers = bench(label, variants, tokenizer, ids, args, Path(tmp), agree), shapes(label, variants)
         if args.tinyllama and not args.model:
             variants = tinyllama_variants(fractions)
