@@ -176,7 +176,7 @@ def recover_and_export(setup: Setup, importance: Importance, arch: Architecture,
     """Slice the run's model (in place) to `arch`, LoRA-tune it, write the export; return what was measured.
 
     `comparisons`: other models' held-out metrics for the model card (uniform, knapsack, searched...).
-    `measured`: the run's own held-out metrics of the dense model ("base") and of `arch` masked ("searched"),
+    `measured`: the run's own held-out metrics of the dense model ("base") and of `arch` unfitted ("searched"),
     used instead of measuring them again where they are what `measure` gives (the perplexity objective)."""
     model, tokenizer, config = setup.model, setup.tokenizer, setup.config
     formats.check(arch, model.config, tokenizer, config)
@@ -293,7 +293,7 @@ def export_from_run(run_dir: Path, out: Path, overrides: Mapping, trial: int | N
 
 def summary_measurements(layout: RunLayout, trial: int | None) -> dict[str, dict[str, float]]:
     """The finished run's held-out metrics of the dense model and, when its best architecture is exported (no
-    `trial`), of that architecture masked: what the export would otherwise measure again."""
+    `trial`), of that architecture unfitted: what the export would otherwise measure again."""
     if not layout.summary_json.exists():
         return {}
     values = json.loads(layout.summary_json.read_text()).get("objective_values", {})

@@ -86,9 +86,7 @@ def test_as_candidate_slices_when_the_copy_fits_and_masks_when_it_does_not(monke
     arch = Architecture(adapter.model_spec(model), SHAPES)
     dense_o = adapter.layer_parts(adapter.decoder_layers(model)[0]).o
     copy_bytes = masking.view_bytes(arch, 4)
-    kept = sum(arch.spec.attention_params(x.kv_heads, x.heads_per_group) + arch.spec.mlp_params(x.ffn_channels)
-               for x in arch.layers)  # every layer of SHAPES is pruned
-    assert copy_bytes == 4 * kept
+    assert copy_bytes == 4 * (arch.params() - arch.spec.shared_params())  # every layer of SHAPES is pruned
     for free, sliced in ((2 * copy_bytes, True), (2 * copy_bytes - 1, False)):
         monkeypatch.setattr(masking, "free_bytes", lambda device, free=free: free)
         with as_candidate(model, arch, importance):
