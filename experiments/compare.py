@@ -106,7 +106,6 @@ class Context:
     recovery: dict | None  # keyword arguments of finetune.recover for every method; None: --recover-steps 0
     out: Path  # where results and the sensitivity table's cache go
     measured: dict = field(default_factory=dict)  # name -> (result, seconds): one calibration pass each
-    last_refit: object = None  # the `search.recovery.Refit` of the latest re-fit row
 
     def once(self, name: str, compute):
         """`compute()` and its seconds, run on the first call only: the scores serve every budget."""
@@ -169,12 +168,16 @@ def search_seconds(summary: RunSummary) -> float:
 
 
 def cut(ctx: Context, arch: Architecture, importance, means=None, rebuild: bool = False):
-    """(a sliced copy of the dense model, seconds spent re-fitting it); `rebuild`: reconstruct before slicing."""
-    model, seconds = copy.deepcopy(ctx.setup.model), 0.0
-    if rebuild:  # as the export does: each damping tried, the best on the search windows kept (if it helps)
-        ctx.last_refit = refit_selected(model, arch, importance, ctx.setup)
-        seconds = ctx.last_refit.seconds
-    return slice_model(model, arch, importance, means), seconds
+    """(a sliced copy of the dense model, seconds spent re-fitting it, a note on the re-fit); `rebuild`:
+    reconstruct before slicing, as the export does (each damping tried, the best on the search windows kept if
+    it helps)."""
+    model = copy.deepcopy(ctx.setup.model)
+    if not rebuild:
+        return slice_model(model, arch, importance, means), 0.0, ""
+    refit = refit_selected(model, arch, importance, ctx.setup)
+    note = (f"; re-fit at damp {refit.damp:g}" if refit.damp
+            else "; re-fit not kept (no damping lowered the search windows)")
+    return slice_model(model, arch, importance, means), refit.seconds, note
 
 
 def prune_method(method: str, ctx: Context, space: SearchSpace, summary: RunSummary | None, rebuild: bool = False):
@@ -185,9 +188,9 @@ def prune_method(method: str, ctx: Context, space: SearchSpace, summary: RunSumm
     if method == "searched":
         arch = trial_architecture(open_run_study(summary).trials[summary.best_trial])
         scores = load_or_compute(dense, calibration, setup.config.importance, Path(summary.run_dir), batch)
-        model, extra = cut(ctx, arch, scores, rebuild=rebuild)
+        model, extra, refit = cut(ctx, arch, scores, rebuild=rebuild)
         return (model, search_seconds(summary) + extra, summary.trials_complete,
-                f"best of {summary.trials_complete} trials", summary.windows_evaluated)
+                f"best of {summary.trials_complete} trials{refit}", summary.windows_evaluated)
     if method == "Torch-Pruning":
         from experiments.torch_pruning_peer import prune_to_params
 
@@ -199,9 +202,9 @@ def prune_method(method: str, ctx: Context, space: SearchSpace, summary: RunSumm
         table, seconds = ctx.once("sensitivity", lambda: measure_sensitivity(
             dense, wanda, table_windows(setup), grid, ("nll",), batch, ctx.out))
         windows = table.windows_evaluated()
-        model, extra = cut(ctx, knapsack(space, table), wanda, rebuild=rebuild)
+        model, extra, refit = cut(ctx, knapsack(space, table), wanda, rebuild=rebuild)
         return (model, seconds + extra, table.measurements(),
-                f"{table.measurements()} sublayer sizes x {table.windows} windows", windows)
+                f"{table.measurements()} sublayer sizes x {table.windows} windows{refit}", windows)
     scores = {"uniform": "wanda", "LLM-Pruner-style": "taylor"}.get(method, "fluctuation")
     importance, seconds = ctx.once(scores, lambda: compute_importance(dense, calibration, scores, batch))
     means = None
@@ -215,16 +218,13 @@ def prune_method(method: str, ctx: Context, space: SearchSpace, summary: RunSumm
         arch = space.uniform(*(round(share * space.spec.num_layers) for share in LLM_PRUNER_WHOLE))
     else:
         arch = space.uniform() if method == "uniform" else space.threshold(importance)
-    model, extra = cut(ctx, arch, importance, means, rebuild)
-    return model, seconds + extra, 0, f"{scores} scores", 0
+    model, extra, refit = cut(ctx, arch, importance, means, rebuild)
+    return model, seconds + extra, 0, f"{scores} scores{refit}", 0
 
 
 def measure(method: str, removed: str, ctx: Context, space: SearchSpace, summary: RunSummary | None,
             seed: int = 0, rebuild: bool = False) -> Row:
     model, seconds, measured, note, windows = prune_method(method, ctx, space, summary, rebuild)
-    if rebuild:
-        damp = ctx.last_refit.damp
-        note += f"; re-fit at damp {damp:g}" if damp else "; re-fit not kept (no damping lowered the search windows)"
     params = sum(p.numel() for p in model.parameters())
     if params > space.budget:
         raise AssertionError(f"{method} kept {params:,} parameters, over the budget {space.budget:,}")
