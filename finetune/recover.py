@@ -65,7 +65,9 @@ class RecoveryConfig:
     domain_eta: float = 1.0  # dynamic batch loading step size η (used with several domains)
     domain_update_every: int = 10
     gradient_checkpointing: bool | None = None  # None: on CUDA only (recompute each layer in backward)
-    eval_every: int | None = None  # steps between validation checks; None: a tenth of the steps
+    # steps between validation checks; None: a fifth of the steps (on SmolLM2 at 30% removed the search windows'
+    # perplexity fell at each of 11 checks of 50 steps, so the five between the fifths chose nothing and cost 60 s)
+    eval_every: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -98,7 +100,7 @@ class RecoveryConfig:
 
     def validation_steps(self) -> set[int]:
         """Steps after which the validation data is measured (0: the sliced model; the last step always)."""
-        every = self.eval_every or max(1, self.steps // 10)
+        every = self.eval_every or max(1, self.steps // 5)
         return {0, *range(every, self.steps + 1, every), self.steps}
 
     @classmethod

@@ -108,7 +108,7 @@ class RunConfig:
                                      "reference model, over-fits on SmolLM2)", group="reconstruction",
                                      choices=TARGETS)
     recover_steps: int = option(50, "LoRA steps on the calibration text; 0 exports without tuning (on SmolLM2 at "
-                                "30%% removed, 50 steps gave 92%% of what 100 gave). Every tenth of "
+                                "30%% removed, 50 steps gave 92%% of what 100 gave). Every fifth of "
                                 "the steps the search windows' perplexity (with --task: the task margin on its "
                                 "search examples, which tuning leaves out) is measured and the best state is "
                                 "exported, the untuned sliced model included, so recovery never makes it worse "

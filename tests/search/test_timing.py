@@ -53,7 +53,7 @@ def test_the_local_table_and_the_export_add_their_passes(tiny_model_dir):
     budget = math.floor(0.6 * params)  # --budget 60%
     w, w_b = spec.num_layers + 10.0, 10.0 + spec.num_layers * (budget - shared) / (params - shared)
     E, M = FINAL_EVAL_WINDOWS - 8, 8
-    validations = 11  # steps 0, 1, ..., 10
+    validations = 6  # steps 0, 2, 4, ..., 10
     assert full.stages["export (re-fit, LoRA, write)"] == pytest.approx(
         E * w_b + validations * M * w_b + 10 * 2 * TRAIN_PASSES * w_b + E * w_b)  # dense: the summary's
     distilled = estimate(config(tiny_model_dir, recover_steps=10, reconstruct=False), model_config, cost)
