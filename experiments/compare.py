@@ -192,10 +192,12 @@ def prune_method(method: str, ctx: Context, space: SearchSpace, summary: RunSumm
         return (model, search_seconds(summary) + extra, summary.trials_complete,
                 f"best of {summary.trials_complete} trials{refit}", summary.windows_evaluated)
     if method == "Torch-Pruning":
-        from experiments.torch_pruning_peer import prune_to_params
+        from experiments.torch_pruning_peer import head_scoring_fails, prune_to_params
 
         (model, ratio, head_ratio), seconds = timed(lambda: prune_to_params(dense, space.budget))
-        return model, seconds, 0, f"width ratio {ratio:.3f}, head ratio {head_ratio:.3f}", 0
+        heads = ("every head kept (its head scoring fails on this GQA shape)" if head_scoring_fails(dense.config)
+                 else f"head ratio {head_ratio:.3f}")
+        return model, seconds, 0, f"width ratio {ratio:.3f}, {heads}", 0
     if method == "sensitivity knapsack":
         wanda, _ = ctx.once("wanda", lambda: compute_importance(dense, calibration, "wanda", batch))
         grid = Grid.spread(space.spec, setup.config.sensitivity_points)

@@ -13,6 +13,11 @@ runs the result. Two adaptations, both forced, neither changes what is pruned:
 - With grouped-query attention, the query heads must stay a multiple of the KV
   heads (the recipe's README gives the same rule), so the head ratio is rounded
   to the nearest allowed one.
+- Its head scoring views the KV projections' importance (KV heads x head_dim values)
+  as one row per *query* head, which fails where that width is no multiple of the
+  query heads (SmolLM2: 3 x 64 = 192 over 9 heads). There the recipe keeps every
+  head: q/k/v are left out (`ignored_layers`), so it prunes the hidden size and the
+  FFN channels only. `head_scoring_fails` says when.
 
 `prune_to_params` bisects the ratio so the result has as many parameters as the
 budget allows, like every other method of `experiments.compare`.
@@ -43,19 +48,32 @@ def allowed_head_ratio(config, ratio: float) -> float:
     return min(round(ratio / step) * step, 1 - step)
 
 
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def head_scoring_fails(config) -> bool:
+    """Whether Torch-Pruning 1.6 cannot score heads here: it reshapes KV-width importance into query-head rows."""
+    return config.num_key_value_heads * _head_dim(config) % config.num_attention_heads != 0
+
+
 def prune(model: PreTrainedModel, ratio: float, head_ratio: float | None = None) -> PreTrainedModel:
     """Prune `model` in place with the recipe at `ratio` (share of width removed); return it."""
     import torch_pruning as tp
 
     cfg = model.config
     heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    head_ratio = allowed_head_ratio(cfg, ratio) if head_ratio is None else head_ratio
+    head_dim = _head_dim(cfg)
+    keep_heads = head_scoring_fails(cfg)
+    head_ratio = 0.0 if keep_heads else allowed_head_ratio(cfg, ratio) if head_ratio is None else head_ratio
     layers = adapter.decoder_layers(model)
-    num_heads = {}
+    num_heads, ignored = {}, [model.get_output_embeddings()]
     for layer in layers:
         parts = adapter.layer_parts(layer)
-        num_heads.update({parts.q: heads, parts.k: kv, parts.v: kv})
+        if keep_heads:
+            ignored += [parts.q, parts.k, parts.v]
+        else:
+            num_heads.update({parts.q: heads, parts.k: kv, parts.v: kv})
     modeling = sys.modules[type(layers[0].self_attn).__module__]
     with mock.patch.object(modeling, "apply_rotary_pos_emb", _identity_rope), warnings.catch_warnings():
         # The norms' weights are "unwrapped parameters" to it; it prunes them along the hidden size, as it should.
@@ -67,9 +85,9 @@ def prune(model: PreTrainedModel, ratio: float, head_ratio: float | None = None)
             global_pruning=False,
             output_transform=lambda out: out.logits,
             pruning_ratio=ratio,
-            ignored_layers=[model.get_output_embeddings()],
+            ignored_layers=ignored,
             num_heads=num_heads,
-            prune_num_heads=True,
+            prune_num_heads=not keep_heads,
             prune_head_dims=False,
             head_pruning_ratio=head_ratio,
             round_to=4,
@@ -114,6 +132,6 @@ def prune_to_params(dense: PreTrainedModel, budget: int, steps: int = 12) -> tup
     ratio is bisected again to fill the budget.
     """
     _, ratio = _bisect(dense, budget, None, steps)
-    head_ratio = allowed_head_ratio(dense.config, ratio)
+    head_ratio = 0.0 if head_scoring_fails(dense.config) else allowed_head_ratio(dense.config, ratio)
     model, ratio = _bisect(dense, budget, head_ratio, steps)
     return model, ratio, head_ratio

@@ -10,11 +10,11 @@ from experiments import compare
 from pruning.metrics import perplexity
 from search.config import RunConfig
 from search.setup import prepare
-from tests.conftest import optional_package, save_tiny_model_dir
+from tests.conftest import optional_package, save_tiny_model_dir, tiny_config
 
 pytestmark = pytest.mark.slow  # end to end: runs, subprocesses or servers
-# 8 query heads in 2 KV groups, 8 wide: a shape Torch-Pruning 1.6 prunes (the tiny model's 6 heads, 3 per KV head,
-# it cannot: see test_torch_pruning_failing_on_a_shape_is_a_row_marked_failed_with_its_reason)
+# 8 query heads in 2 KV groups, 8 wide: a shape whose heads Torch-Pruning 1.6 prunes (the tiny model's 6 heads,
+# 3 per KV head, it cannot score: see test_torch_pruning_keeps_every_head_where_its_head_scoring_fails)
 TORCH_PRUNING_SHAPE = dict(hidden_size=64, head_dim=8, num_attention_heads=8, num_key_value_heads=2)
 
 
@@ -98,8 +98,8 @@ def assert_torch_pruning_row(row, root, budget):
     assert row["recovered"] != row["pruned"]  # the same LoRA recovery ran on it
 
 
-def test_torch_pruning_failing_on_a_shape_is_a_row_marked_failed_with_its_reason(tiny_model_dir, tmp_path, capsys):
-    from experiments.torch_pruning_peer import prune_to_params
+def test_torch_pruning_keeps_every_head_where_its_head_scoring_fails(tiny_model_dir, tmp_path):
+    from experiments.torch_pruning_peer import count, head_scoring_fails, prune_to_params
 
     optional_package("torch_pruning", 'pip install ".[bench]"')
     out = tmp_path / "compare"
@@ -107,8 +107,32 @@ def test_torch_pruning_failing_on_a_shape_is_a_row_marked_failed_with_its_reason
     (row,) = json.loads((out / "results.json").read_text())["rows"]
     setup = prepare(compare.run_config(["--model", str(tiny_model_dir / "model"), *search_args(tiny_model_dir),
                                         "--budget", "65%"]))
-    with pytest.raises(RuntimeError) as err:  # 6 query heads, 3 per KV head: Torch-Pruning 1.6 breaks on them
-        prune_to_params(setup.model, setup.space.budget)
+    dense = setup.model.config
+    # 6 query heads over 2 KV heads of 8 (16 values): Torch-Pruning 1.6 reshapes those 16 into 6 head rows
+    assert head_scoring_fails(dense) and not head_scoring_fails(tiny_config(**TORCH_PRUNING_SHAPE))
+    model, ratio, _ = prune_to_params(setup.model, setup.space.budget)
+    assert row["note"] == f"width ratio {ratio:.3f}, every head kept (its head scoring fails on this GQA shape)"
+    assert row["params"] == count(model) <= setup.space.budget
+    attention = model.model.layers[0].self_attn
+    assert (attention.q_proj.out_features, attention.k_proj.out_features) == (
+        dense.num_attention_heads * dense.head_dim, dense.num_key_value_heads * dense.head_dim)
+    assert model.config.hidden_size < dense.hidden_size and model.config.intermediate_size < dense.intermediate_size
+    assert row["pruned"] == pytest.approx(perplexity(model, setup.held_out_windows), rel=1e-5)
+
+
+def test_torch_pruning_failing_is_a_row_marked_failed_with_its_reason(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    from experiments import torch_pruning_peer
+
+    optional_package("torch_pruning", 'pip install ".[bench]"')
+    # Without the heads-kept fallback, Torch-Pruning 1.6 itself breaks on the tiny model's 6-over-2 heads.
+    monkeypatch.setattr(torch_pruning_peer, "head_scoring_fails", lambda config: False)
+    out = tmp_path / "compare"
+    assert compare.main(argv(tiny_model_dir, out, "--methods", "Torch-Pruning")) == 0
+    (row,) = json.loads((out / "results.json").read_text())["rows"]
+    setup = prepare(compare.run_config(["--model", str(tiny_model_dir / "model"), *search_args(tiny_model_dir),
+                                        "--budget", "65%"]))
+    with pytest.raises(RuntimeError) as err:
+        torch_pruning_peer.prune_to_params(setup.model, setup.space.budget)
     assert row["method"] == "Torch-Pruning" and row["note"] == f"failed: {err.value}"[:160]
     assert row["params"] == 0 and math.isnan(row["pruned"]) and math.isnan(row["recovered"])
     assert f"| 35% | Torch-Pruning | | | | | | | | | | | failed: {err.value}" in (out / "results.md").read_text()
