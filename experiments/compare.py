@@ -280,9 +280,12 @@ def plot(rows: list[Row], dense_ppl: float, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for ax, column, label in zip(axes, ("pruned", "recovered"), ("after pruning", "after the same LoRA recovery"),
-                                strict=True):
+    panels = [("pruned", "after pruning"), ("recovered", "after the same LoRA recovery")]
+    if all(math.isnan(r.recovered) for r in rows):  # --recover-steps 0: no second panel to leave empty
+        panels = panels[:1]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 2.5, 4.2), sharey=True, squeeze=False)
+    axes = axes[0]
+    for ax, (column, label) in zip(axes, panels, strict=True):
         for (method, rebuilt), color in zip(((m, b) for b in (False, True) for m in METHODS),
                                             [f"C{i}" for i in range(len(METHODS))] * 2, strict=True):
             points = sorted((r.params / 1e6, getattr(r, column)) for r in rows
@@ -294,7 +297,7 @@ def plot(rows: list[Row], dense_ppl: float, path: Path, title: str) -> None:
         ax.set(title=label, xlabel="parameters (millions)", yscale="log")
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("held-out perplexity (log scale)")
-    axes[1].legend(fontsize=8)
+    axes[-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
