@@ -4,7 +4,7 @@ The recipe prunes every layer by the same ratio with `BasePruner` and data-free
 `GroupMagnitudeImportance(p=2)`: the hidden size (embeddings, norms, every
 projection), FFN channels and whole attention heads (`prune_head_dims=False`),
 rounded to multiples of 4. It then rewrites the config so stock `transformers`
-runs the result. Two adaptations, both forced, neither changes what is pruned:
+runs the result. Three adaptations, all forced (the first two change nothing that is pruned):
 
 - Torch-Pruning 1.6 never finishes tracing q/k/v through the rotary embedding of
   transformers 5 (VainF/Torch-Pruning#527), so the dependency graph is traced
